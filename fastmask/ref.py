@@ -1,0 +1,314 @@
+"""Pure-PyTorch reference of every fastmask op.
+
+This module is the oracle the C++, CUDA and Triton backends are tested against, the CPU fallback when the
+extension is not built, and the "naive" baseline of the benchmarks. It favours clarity over speed, but stays
+vectorised (no Python loops over elements).
+
+Conventions shared by every backend (see DESIGN.md):
+
+* Noise: element ``i`` (row-major flat index) of ``uniform(shape, seed, offset)`` is Triton's
+  ``tl.rand(seed, offset + i)``: Philox4x32-10 with key ``(seed & 0xffffffff, seed >> 32)`` and counter
+  ``(lo32(offset + i), hi32(offset + i), 0, 0)``; the first output word ``w`` is read as int32,
+  ``x = w if w >= 0 else ~w``, and ``u = float32(x) * float32(4.6566127342e-10)``, so ``u`` lies in [0, 1).
+* Gates: a logits tensor is a 2-D grid over the weight (in the weight's own layout). Weight element ``(r, c)``
+  is gated by logit ``(r // bh, c // bw)`` where ``block = (bh, bw)``; per-weight masks are ``block = (1, 1)``,
+  output units ``(1, C)``, input units ``(R, 1)``, heads ``(R, head_dim)``, a whole layer ``(R, C)``.
+  The noise of logit ``j`` (row-major flat index in the grid) is ``uniform`` element ``j``.
+* Estimators (``beta`` is the temperature of the stochastic relaxations, ``tau`` the threshold of
+  ``threshold_st``); ``inverse=True`` returns ``1 - z`` and negates the gradient:
+
+  ================== ====================================================== ============================
+  estimator          training forward z                                     dz/dl (surrogate)
+  ================== ====================================================== ============================
+  hard_concrete      clamp(sigmoid((logit(u) + l) / beta) (zeta - gamma)    (zeta - gamma) s (1 - s) / beta
+                     + gamma, 0, 1)                                          where 0 < s_bar < 1, else 0
+  gumbel_sigmoid_st  [l + logit(u) > 0]                                     s (1 - s) / beta,
+                                                                             s = sigmoid((l + logit(u)) / beta)
+  bernoulli_st       [u < sigmoid(l)]                                       p (1 - p), p = sigmoid(l)
+  threshold_st       [l > tau]                                              1
+  ================== ====================================================== ============================
+
+  Eval (``training=False``): hard_concrete ``clamp(sigmoid(l) (zeta - gamma) + gamma, 0, 1)``;
+  gumbel_sigmoid_st and bernoulli_st ``[sigmoid(l) > 0.5]`` (i.e. ``[l > 0]``); threshold_st as in training.
+  ``u`` is clamped to ``[UNIFORM_EPS, 1 - UNIFORM_EPS]`` before ``logit(u)`` so no log(0) ever happens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ESTIMATORS",
+    "compute_dtype",
+    "UNIFORM_EPS",
+    "philox_first_word",
+    "uniform_ref",
+    "gate_ref",
+    "gate_backward_ref",
+    "expand_gates",
+    "reduce_to_grid",
+    "masked_weight_ref",
+    "masked_linear_ref",
+    "masked_linear_backward_ref",
+    "masked_linear_naive",
+    "hard_concrete_naive",
+    "l0_norm_ref",
+    "l0_norm_backward_ref",
+]
+
+# Estimator names, in the order of their integer codes used by the C++/CUDA/Triton kernels.
+ESTIMATORS = ("hard_concrete", "gumbel_sigmoid_st", "threshold_st", "bernoulli_st")
+
+# Noise is clamped to [UNIFORM_EPS, 1 - UNIFORM_EPS] before logit(u): u can be exactly 0 (probability 2^-31).
+UNIFORM_EPS = 1e-6
+
+# Philox4x32 constants (Salmon et al. 2011; identical to triton.language.random).
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+# Triton's uint_to_uniform_float scale: the largest float32 s with (2^31 - 1) * s < 1.
+_UINT_TO_FLOAT_SCALE = 4.6566127342e-10
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product a * b, for a constant a and uint32 values b held in int64.
+
+    Split into 16-bit halves so that no intermediate overflows int64 (torch has no unsigned 64-bit multiply).
+    """
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    low_product = a_lo * b_lo
+    cross = a_hi * b_lo + a_lo * b_hi  # < 2^33
+    hi = a_hi * b_hi + ((cross + (low_product >> 16)) >> 16)
+    lo = ((cross & 0xFFFF) << 16) + low_product
+    return hi & _MASK32, lo & _MASK32
+
+
+def philox_first_word(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """First output word of Philox4x32-10 for key ``seed`` and counters ``(lo32(n), hi32(n), 0, 0)``.
+
+    ``counters`` is an int64 tensor of 64-bit counter values n (non-negative); returns uint32 values in int64.
+    """
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c0 = counters & _MASK32
+    c1 = (counters >> 32) & _MASK32
+    c2 = torch.zeros_like(counters)
+    c3 = torch.zeros_like(counters)
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def _uint32_to_uniform(words: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float for 32-bit words held in int64: read as int32, fold negatives with ~x."""
+    signed = torch.where(words >= 2**31, words - 2**32, words)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * torch.tensor(_UINT_TO_FLOAT_SCALE, dtype=torch.float32, device=words.device)
+
+
+def uniform_ref(shape: Sequence[int], seed: int, offset: int = 0, device=None) -> torch.Tensor:
+    """Counter-based uniform noise in [0, 1), float32; element i is ``tl.rand(seed, offset + i)``."""
+    numel = math.prod(shape)
+    counters = torch.arange(numel, dtype=torch.int64, device=device) + offset
+    return _uint32_to_uniform(philox_first_word(seed, counters)).reshape(tuple(shape))
+
+
+def compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Gate math runs in float32, or in float64 when the logits are float64 (for gradcheck)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _logistic_noise(l: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """logit(u) of the clamped noise; u is clamped in float32, then the math runs in l's dtype."""
+    u = uniform_ref(l.shape, seed, offset, device=l.device).clamp(UNIFORM_EPS, 1.0 - UNIFORM_EPS).to(l.dtype)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def _gate_and_slope(logits, estimator, seed, offset, beta, gamma, zeta, tau, training):
+    """(z, dz/dl) in the compute dtype for the given estimator, before ``inverse``."""
+    l = logits.to(compute_dtype(logits))
+    if estimator == "hard_concrete":
+        if training:
+            noise = _logistic_noise(l, seed, offset)
+            s = torch.sigmoid((noise + l) / beta)
+            slope_s = s * (1 - s) / beta
+        else:
+            s = torch.sigmoid(l)
+            slope_s = s * (1 - s)
+        s_bar = s * (zeta - gamma) + gamma
+        z = s_bar.clamp(0.0, 1.0)
+        inside = (s_bar > 0) & (s_bar < 1)
+        return z, torch.where(inside, (zeta - gamma) * slope_s, torch.zeros_like(l))
+    if estimator == "gumbel_sigmoid_st":
+        if training:
+            noise = _logistic_noise(l, seed, offset)
+            s = torch.sigmoid((l + noise) / beta)
+            return (l + noise > 0).to(l.dtype), s * (1 - s) / beta
+        p = torch.sigmoid(l)
+        return (l > 0).to(l.dtype), p * (1 - p)
+    if estimator == "bernoulli_st":
+        p = torch.sigmoid(l)
+        if training:
+            u = uniform_ref(l.shape, seed, offset, device=l.device).to(l.dtype)
+            return (u < p).to(l.dtype), p * (1 - p)
+        return (l > 0).to(l.dtype), p * (1 - p)
+    if estimator == "threshold_st":
+        return (l > tau).to(l.dtype), torch.ones_like(l)
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+def gate_ref(logits, estimator="hard_concrete", seed=0, offset=0, beta=2 / 3, gamma=-0.1, zeta=1.1, tau=0.0,
+             training=True, inverse=False) -> torch.Tensor:
+    """Gates z in [0, 1] (compute dtype, shaped like ``logits``) of the given estimator."""
+    z, _ = _gate_and_slope(logits, estimator, seed, offset, beta, gamma, zeta, tau, training)
+    return 1 - z if inverse else z
+
+
+def gate_backward_ref(grad_gates, logits, estimator="hard_concrete", seed=0, offset=0, beta=2 / 3, gamma=-0.1,
+                      zeta=1.1, tau=0.0, training=True, inverse=False) -> torch.Tensor:
+    """d(loss)/d(logits) in the compute dtype given d(loss)/d(gates); regenerates the noise from (seed, offset)."""
+    _, slope = _gate_and_slope(logits, estimator, seed, offset, beta, gamma, zeta, tau, training)
+    grad = grad_gates.to(slope.dtype) * slope
+    return -grad if inverse else grad
+
+
+def expand_gates(gates: torch.Tensor, block: Sequence[int], weight_shape: Sequence[int]) -> torch.Tensor:
+    """Broadcast a gate grid to the full weight shape: element (r, c) takes gate (r // bh, c // bw)."""
+    bh, bw = block
+    rows, cols = weight_shape
+    return gates.repeat_interleave(bh, 0)[:rows].repeat_interleave(bw, 1)[:, :cols]
+
+
+def reduce_to_grid(values: torch.Tensor, block: Sequence[int], grid_shape: Sequence[int]) -> torch.Tensor:
+    """Sum a full (R, C) tensor over each (bh, bw) block (edge blocks may be partial) into the grid shape."""
+    bh, bw = block
+    gr, gc = grid_shape
+    rows, cols = values.shape
+    padded = values.new_zeros(gr * bh, gc * bw)
+    padded[:rows, :cols] = values
+    return padded.reshape(gr, bh, gc, bw).sum(dim=(1, 3))
+
+
+def masked_weight_ref(weight, logits, block, estimator="hard_concrete", seed=0, offset=0, beta=2 / 3, gamma=-0.1,
+                      zeta=1.1, tau=0.0, training=True, inverse=False) -> torch.Tensor:
+    """W * m in the weight's dtype and layout (the product is taken in float32, or float64, and rounded once)."""
+    gates = gate_ref(logits, estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
+    mask = expand_gates(gates, block, weight.shape)
+    return (_upcast(weight) * mask.to(_upcast(weight).dtype)).to(weight.dtype)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64; every other float dtype computes in float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _as_out_in(weight_like: torch.Tensor, weight_layout: str) -> torch.Tensor:
+    return weight_like if weight_layout == "out_in" else weight_like.t()
+
+
+def masked_linear_ref(x, weight, logits, bias=None, estimator="hard_concrete", seed=0, offset=0, training=True,
+                      inverse=False, weight_layout="out_in", block=(1, 1), beta=2 / 3, gamma=-0.1, zeta=1.1,
+                      tau=0.0) -> torch.Tensor:
+    """y = x (W * m)^T + b, with W stored as (out, in) (``out_in``, nn.Linear) or (in, out) (``in_out``, Conv1D)."""
+    wm = masked_weight_ref(weight, logits, block, estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
+    return F.linear(x, _as_out_in(wm, weight_layout), bias)
+
+
+def masked_linear_backward_ref(grad_out, x, weight, logits, bias=None, estimator="hard_concrete", seed=0, offset=0,
+                               training=True, inverse=False, weight_layout="out_in", block=(1, 1), beta=2 / 3,
+                               gamma=-0.1, zeta=1.1, tau=0.0, needs_weight_grad=False):
+    """Gradients (grad_x, grad_weight, grad_logits, grad_bias) of ``masked_linear_ref``.
+
+    grad_weight is None unless ``needs_weight_grad``; grad_bias is None when ``bias`` is None.
+    The mask gradient dWm = dy^T x is accumulated in float32, as the fused kernels do.
+    """
+    gates = gate_ref(logits, estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
+    mask = expand_gates(gates, block, weight.shape)
+    wm = (_upcast(weight) * mask.to(_upcast(weight).dtype)).to(weight.dtype)
+    grad_x = (grad_out @ _as_out_in(wm, weight_layout)).to(x.dtype)
+
+    dy2 = _upcast(grad_out.reshape(-1, grad_out.shape[-1]))
+    x2 = _upcast(x.reshape(-1, x.shape[-1]))
+    grad_wm = _as_out_in(dy2.t() @ x2, weight_layout)  # in the weight's layout, float32 (float64)
+    per_weight = (grad_wm * _upcast(weight)).to(gates.dtype)
+    grad_gates = reduce_to_grid(per_weight, block, logits.shape)
+    grad_logits = gate_backward_ref(grad_gates, logits, estimator, seed, offset, beta, gamma, zeta, tau,
+                                    training, inverse).to(logits.dtype)
+    grad_weight = (grad_wm * mask.to(grad_wm.dtype)).to(weight.dtype) if needs_weight_grad else None
+    grad_bias = dy2.sum(0).to(bias.dtype) if bias is not None else None
+    return grad_x, grad_weight, grad_logits, grad_bias
+
+
+def _l0_shift(beta: float, gamma: float, zeta: float) -> float:
+    return beta * math.log(-gamma / zeta)
+
+
+def l0_norm_ref(logits, estimator="hard_concrete", beta=2 / 3, gamma=-0.1, zeta=1.1, tau=0.0) -> torch.Tensor:
+    """Expected number of non-zero gates (a scalar in the compute dtype).
+
+    hard_concrete: sum of P(z != 0) = sigmoid(l - beta log(-gamma / zeta)) (Louizos et al. 2018, eq. 12);
+    gumbel_sigmoid_st and bernoulli_st: sum of P(z = 1) = sigmoid(l); threshold_st: the count of l > tau.
+    """
+    l = logits.to(compute_dtype(logits))
+    if estimator == "hard_concrete":
+        return torch.sigmoid(l - _l0_shift(beta, gamma, zeta)).sum()
+    if estimator in ("gumbel_sigmoid_st", "bernoulli_st"):
+        return torch.sigmoid(l).sum()
+    if estimator == "threshold_st":
+        return (l > tau).to(l.dtype).sum()
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+def l0_norm_backward_ref(grad, logits, estimator="hard_concrete", beta=2 / 3, gamma=-0.1, zeta=1.1, tau=0.0):
+    """d(l0_norm)/d(logits) times the incoming scalar gradient; threshold_st passes the gradient straight through."""
+    l = logits.to(compute_dtype(logits))
+    if estimator == "hard_concrete":
+        p = torch.sigmoid(l - _l0_shift(beta, gamma, zeta))
+        slope = p * (1 - p)
+    elif estimator in ("gumbel_sigmoid_st", "bernoulli_st"):
+        p = torch.sigmoid(l)
+        slope = p * (1 - p)
+    elif estimator == "threshold_st":
+        slope = torch.ones_like(l)
+    else:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    return (grad.to(l.dtype) * slope).to(logits.dtype)
+
+
+def masked_linear_naive(x, weight, logits, bias=None, estimator="hard_concrete", seed=0, offset=0, training=True,
+                        inverse=False, weight_layout="out_in", block=(1, 1), beta=2 / 3, gamma=-0.1, zeta=1.1,
+                        tau=0.0) -> torch.Tensor:
+    """The way masks are learned by hand today: sample gates with torch ops, ``F.linear(x, W * z)``, autograd.
+
+    Same noise and gradients as ``masked_linear_ref`` (straight-through estimators use the ``z + s (l - l)``
+    trick), but every intermediate is a separate tensor kept for autograd and the masked-weight gradient is
+    computed in the activation dtype. This is the benchmark baseline and the "PyTorch in the same dtype" error
+    yardstick of the tests.
+    """
+    z, slope = _gate_and_slope(logits, estimator, seed, offset, beta, gamma, zeta, tau, training)
+    if inverse:
+        z, slope = 1 - z, -slope
+    l = logits.to(z.dtype)
+    z = z.detach() + slope.detach() * (l - l.detach())
+    mask = expand_gates(z, block, weight.shape)
+    wm = (weight.to(mask.dtype) * mask).to(weight.dtype)
+    return F.linear(x, _as_out_in(wm, weight_layout), bias)
+
+
+def hard_concrete_naive(logits, beta=2 / 3, gamma=-0.1, zeta=1.1, generator=None) -> torch.Tensor:
+    """Hard-concrete sampling as users write it by hand (torch's own RNG, one kernel per op, autograd through
+    every intermediate): the baseline the fused ops are benchmarked against. Not bit-compatible with ``uniform``."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / beta)
+    return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
