@@ -1,0 +1,106 @@
+"""Argument checks shared by the public ops: metadata only (shapes, dtypes, devices), so they also run on fake
+tensors under torch.compile, before any kernel starts. Every message names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from ..ref import ESTIMATORS
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+WEIGHT_LAYOUTS = ("out_in", "in_out")
+_INT64_MAX = 2**63 - 1
+
+
+def estimator_code(estimator: str, where: str) -> int:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"{where}: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    return ESTIMATORS.index(estimator)
+
+
+def check_seed_offset(seed: int, offset: int, where: str) -> None:
+    for name, value in (("seed", seed), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+        if not 0 <= value <= _INT64_MAX:
+            raise ValueError(f"{where}: {name} must be in [0, 2**63 - 1], got {value}")
+
+
+def check_gate_params(beta: float, gamma: float, zeta: float, where: str) -> None:
+    if not beta > 0:
+        raise ValueError(f"{where}: beta (the temperature) must be > 0, got {beta}")
+    if not (gamma < 0 and zeta > 1):
+        raise ValueError(f"{where}: the stretch interval must satisfy gamma < 0 < 1 < zeta, got gamma={gamma}, "
+                         f"zeta={zeta}")
+
+
+def check_float_tensor(t: torch.Tensor, name: str, where: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: {name} must be a floating tensor (float32, float64, float16 or bfloat16), "
+                        f"got {t.dtype}")
+
+
+def check_same_device(where: str, **tensors: Optional[torch.Tensor]) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {name: t.device for name, t in present.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"{where}: all tensors must be on one device, got {listing}")
+
+
+def resolve_block(logits_shape: Sequence[int], weight_shape: Sequence[int], block: Optional[Sequence[int]],
+                  where: str) -> tuple[int, int]:
+    """The (bh, bw) block that maps the logits grid onto the weight; inferred when the grid divides the weight."""
+    rows, cols = weight_shape
+    if len(logits_shape) != 2:
+        raise ValueError(f"{where}: logits must be a 2-D gate grid over the weight {list(weight_shape)}, "
+                         f"got shape {list(logits_shape)}")
+    grid_rows, grid_cols = logits_shape
+    if block is None:
+        if grid_rows < 1 or grid_cols < 1 or rows % grid_rows or cols % grid_cols:
+            raise ValueError(
+                f"{where}: cannot infer the block size of logits {list(logits_shape)} over weight "
+                f"{list(weight_shape)}: pass block=(bh, bw) (logits then have shape "
+                f"[ceil({rows}/bh), ceil({cols}/bw)])")
+        return rows // grid_rows, cols // grid_cols
+    if len(block) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block):
+        raise ValueError(f"{where}: block must be two positive ints (bh, bw), got {block!r}")
+    bh, bw = block
+    expected = [math.ceil(rows / bh), math.ceil(cols / bw)]
+    if list(logits_shape) != expected:
+        raise ValueError(f"{where}: logits must have shape {expected} for weight {list(weight_shape)} with block "
+                         f"({bh}, {bw}), got {list(logits_shape)}")
+    return bh, bw
+
+
+def check_masked_linear(x, weight, logits, bias, weight_layout, block, where="fastmask.ops.masked_linear"):
+    """Validate masked_linear's tensors; returns (in_features, out_features, (bh, bw))."""
+    for name, t in (("x", x), ("weight", weight), ("logits", logits)):
+        check_float_tensor(t, name, where)
+    if bias is not None:
+        check_float_tensor(bias, "bias", where)
+    check_same_device(where, x=x, weight=weight, logits=logits, bias=bias)
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"{where}: weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be 2-D, got shape {list(weight.shape)}")
+    if weight_layout == "out_in":
+        out_features, in_features = weight.shape
+    else:
+        in_features, out_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{where}: x must have last dimension in_features={in_features} (weight "
+                         f"{list(weight.shape)}, layout {weight_layout}), got shape {list(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{where}: x and weight must have the same dtype, got x {x.dtype} and weight {weight.dtype}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
+        raise ValueError(f"{where}: bias must have shape [{out_features}], got {list(bias.shape)}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"{where}: bias must have the dtype of x ({x.dtype}), got {bias.dtype}")
+    resolved = resolve_block(tuple(logits.shape), tuple(weight.shape), block, where)
+    return in_features, out_features, resolved

@@ -1,0 +1,127 @@
+"""fastmask::masked_linear: y = x (W * m(logits))^T + b with the gates sampled inside the op.
+
+Forward and backward are two custom ops; the autograd formula saves only x, W and the logits (no noise, no
+fp32 mask): the backward op regenerates the gates from (seed, offset). Weights are frozen unless they require
+grad, in which case grad_weight = dWm * m is returned too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ._backend import resolve
+from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
+from ._validate import check_masked_linear
+
+_WHERE = "fastmask.ops.masked_linear"
+
+
+def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+@torch.library.custom_op("fastmask::masked_linear", mutates_args=())
+def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor],
+                      estimator: str, seed: int, offset: int, training: bool, inverse: bool, weight_layout: str,
+                      block: Sequence[int], beta: float, gamma: float, zeta: float, tau: float) -> torch.Tensor:
+    _, out_features, blk = check_masked_linear(x, weight, logits, bias, weight_layout, tuple(block), _WHERE)
+    params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    y = resolve(x.device).masked_linear_forward(_flatten_tokens(x), weight, logits.contiguous(), bias, blk,
+                                                weight_layout == "in_out", params)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@_masked_linear_op.register_fake
+def _(x, weight, logits, bias, estimator, seed, offset, training, inverse, weight_layout, block, beta, gamma, zeta,
+      tau):
+    _, out_features, _ = check_masked_linear(x, weight, logits, bias, weight_layout, tuple(block), _WHERE)
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("fastmask::masked_linear_backward", mutates_args=())
+def _masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor,
+                               has_bias: bool, estimator: str, seed: int, offset: int, training: bool,
+                               inverse: bool, weight_layout: str, block: Sequence[int], beta: float, gamma: float,
+                               zeta: float, tau: float, needs_input_grad: bool, needs_weight_grad: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_logits, grad_bias); gradients that were not asked for are empty tensors."""
+    params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    grad_x, grad_weight, grad_logits, grad_bias = resolve(x.device).masked_linear_backward(
+        _flatten_tokens(grad_out), _flatten_tokens(x), weight, logits.contiguous(), has_bias, tuple(block),
+        weight_layout == "in_out", params, needs_input_grad, needs_weight_grad)
+    # Placeholders must be distinct tensors: custom-op outputs may not alias each other.
+    return (grad_x.reshape(x.shape).to(x.dtype) if needs_input_grad else x.new_empty(0),
+            grad_weight.to(weight.dtype) if needs_weight_grad else x.new_empty(0),
+            grad_logits.to(logits.dtype),
+            grad_bias.to(grad_out.dtype) if has_bias else x.new_empty(0))
+
+
+@_masked_linear_backward_op.register_fake
+def _(grad_out, x, weight, logits, has_bias, estimator, seed, offset, training, inverse, weight_layout, block, beta,
+      gamma, zeta, tau, needs_input_grad, needs_weight_grad):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else x.new_empty(0),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_weight_grad else x.new_empty(0),
+            torch.empty_like(logits, memory_format=torch.contiguous_format),
+            grad_out.new_empty(grad_out.shape[-1]) if has_bias else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, logits, bias, *scalars = inputs
+    ctx.save_for_backward(x, weight, logits)
+    ctx.has_bias = bias is not None
+    ctx.scalars = scalars
+
+
+def _backward(ctx, grad_out):
+    x, weight, logits = ctx.saved_tensors
+    needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
+    grad_x, grad_weight, grad_logits, grad_bias = _masked_linear_backward_op(
+        grad_out, x, weight, logits, ctx.has_bias, *ctx.scalars, needs_x, needs_weight)
+    return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
+            (grad_logits if needs_logits else None), (grad_bias if needs_bias else None)) + (None,) * len(ctx.scalars)
+
+
+_masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _as_grid(logits: torch.Tensor, weight: torch.Tensor, weight_layout: str) -> torch.Tensor:
+    """1-D unit logits -> the 2-D grid view in the weight's layout ((out, 1) / (1, in) for out_in)."""
+    if logits.dim() != 1:
+        return logits
+    if weight.dim() != 2 or weight_layout not in ("out_in", "in_out"):
+        return logits  # check_masked_linear reports the real problem
+    out_features, in_features = weight.shape if weight_layout == "out_in" else weight.shape[::-1]
+    n = logits.shape[0]
+    if n == out_features == in_features:
+        raise ValueError(f"{_WHERE}: 1-D logits of length {n} are ambiguous for a square weight: pass them as a "
+                         f"2-D grid in the weight's layout, ({n}, 1) or (1, {n})")
+    if n == out_features:
+        return logits.view(-1, 1) if weight_layout == "out_in" else logits.view(1, -1)
+    if n == in_features:
+        return logits.view(1, -1) if weight_layout == "out_in" else logits.view(-1, 1)
+    raise ValueError(f"{_WHERE}: 1-D logits must have length out_features={out_features} (output units) or "
+                     f"in_features={in_features} (input units), got {n}")
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  *, estimator: str = "hard_concrete", seed: int = 0, offset: int = 0, training: bool = True,
+                  inverse: bool = False, weight_layout: str = "out_in", block: Optional[Sequence[int]] = None,
+                  beta: Optional[float] = None, gamma: float = DEFAULT_GAMMA, zeta: float = DEFAULT_ZETA,
+                  tau: float = DEFAULT_TAU) -> torch.Tensor:
+    """Masked linear layer ``y = x (W * m)^T + b`` with the mask ``m`` sampled from ``logits`` inside the op.
+
+    x: (..., in_features). weight: (out, in) for ``weight_layout="out_in"`` (nn.Linear) or (in, out) for
+    ``"in_out"`` (GPT-2 Conv1D), read in place. logits (float32, trainable): a 2-D gate grid in the weight's
+    layout: the weight's shape (per weight), (out, 1) / (1, in) or 1-D (units), a block grid
+    ``(ceil(R / bh), ceil(C / bw))`` with ``block=(bh, bw)`` (inferred when it divides the weight), (1, 1) (the
+    layer). Gradients flow to x, logits and bias; to weight only if it requires grad. The noise of gate j is
+    ``uniform(seed, offset + j)``: change ``seed`` or ``offset`` every step for fresh samples.
+    """
+    logits = _as_grid(logits, weight, weight_layout)
+    _, _, blk = check_masked_linear(x, weight, logits, bias, weight_layout, block, _WHERE)
+    beta = default_beta(estimator, beta)
+    make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    return _masked_linear_op(x, weight, logits, bias, estimator, seed, offset, bool(training), bool(inverse),
+                             weight_layout, list(blk), beta, float(gamma), float(zeta), float(tau))

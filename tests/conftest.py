@@ -1,0 +1,62 @@
+"""Shared test helpers: which backends and devices exist here, and the house tolerance rule."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmask as fm
+from fastmask.ops import _backend
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SHARED_DATA = Path(os.environ.get("FASTMASK_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+def backends_for(device: str) -> list[str]:
+    """The backends that can run on ``device`` in this environment (reference always)."""
+    return [name for name in _backend.BACKENDS if _backend.availability(name, device)[0]]
+
+
+def device_backend_params(fast_only: bool = False):
+    """pytest params (device, backend) for every available pair; the interpreted Triton backend is marked slow-ish
+    and left out when ``fast_only``."""
+    params = []
+    for device in ["cpu", "cuda"]:
+        for name in _backend.BACKENDS:
+            if name in ("cpu", "cuda") and name != device:
+                continue  # the extension backends are named after the only device they run on
+            marks = []
+            if device == "cuda" and not torch.cuda.is_available():
+                marks.append(pytest.mark.skip(reason="no CUDA GPU here"))
+            elif not _backend.availability(name, device)[0]:
+                marks.append(pytest.mark.skip(reason=f"backend {name!r} unavailable on {device}: "
+                                                     f"{_backend.availability(name, device)[1]}"))
+            elif fast_only and name == "triton" and device == "cpu":
+                marks.append(pytest.mark.skip(reason="Triton interpreter too slow for this shape"))
+            params.append(pytest.param(device, name, marks=marks, id=f"{device}-{name}"))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    previous = fm.get_backend()
+    yield
+    fm.set_backend(previous)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_pytorch_error(out, oracle, pytorch_out, name: str, rel_floor: float = 1e-5):
+    """House tolerance: error(out) <= 2 x error(PyTorch in the same dtype), both against an fp64 oracle, plus a
+    floor relative to the oracle's magnitude (for float32, where PyTorch's own error can be ~0)."""
+    assert out.shape == oracle.shape, f"{name}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    scale = oracle.abs().max().item() if oracle.numel() else 0.0
+    err, base = max_err(out, oracle), max_err(pytorch_out, oracle)
+    bound = 2 * base + rel_floor * max(scale, 1.0)
+    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (PyTorch's own error {base:.3e})"
