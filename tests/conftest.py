@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
-import fastmask as fm
-from fastmask.ops import _backend
+# @triton.jit decides interpreter mode at import time, so this must precede any import of fastmask.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastmask as fm  # noqa: E402
+from fastmask.ops import _backend  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SHARED_DATA = Path(os.environ.get("FASTMASK_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
