@@ -145,6 +145,8 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
     if backend == "cuda":
         if device_type != "cuda":
             return False, "the 'cuda' backend runs on CUDA tensors only"
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is visible to torch"
         status = _ext.load()
         return status.cuda, ("fastmask._C (CUDA)" if status.cuda else status.reason)
     if backend == "triton":
