@@ -1,6 +1,6 @@
-"""Masked modules (drop-in replacements for nn.Linear and GPT-2's Conv1D)."""
+"""Masked modules (drop-in replacements for nn.Linear and GPT-2's Conv1D) and helpers over models holding them."""
 
-from .masked_linear import MaskedLinear
+from .masked_linear import MaskedLinear, masked_layers, set_step
 from .replace import replace_linear_layers
 
-__all__ = ["MaskedLinear", "replace_linear_layers"]
+__all__ = ["MaskedLinear", "masked_layers", "set_step", "replace_linear_layers"]

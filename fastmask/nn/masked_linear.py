@@ -1,4 +1,24 @@
-"""MaskedLinear: a linear layer whose frozen weight is gated by a learned mask, through fm.ops.masked_linear."""
+"""MaskedLinear: a linear layer whose frozen weight is gated by a learned mask, through fm.ops.masked_linear.
+
+Noise and torch.compile. A training forward samples gates with noise ``uniform(seed, offset + j)`` where
+``offset = step * n_gates``; ``step`` is a plain Python int attribute (not a tensor: reading a tensor counter
+would cost a device sync per layer and a graph break). By default (``auto_step=True``) every training forward
+advances ``step`` by one, so consecutive calls draw fresh noise and a run is reproducible from the seed.
+``fastmask.nn.set_step(model, step)`` pins the noise to a training step instead (``auto_step=False``): every
+forward until the next set_step reuses it (what gradient checkpointing's recomputation and gradient accumulation
+over micro-batches want).
+
+Under ``torch.compile`` the int ``step`` enters the graph as the op's (Sym)int ``offset``. torch._dynamo
+specialises ints that live on nn.Modules, so a changing ``step`` would recompile every step; either
+
+* set ``torch._dynamo.config.allow_unspec_int_on_nn_module = True`` (then ``step`` becomes a symbolic int after
+  one recompile: 2 compilations in all, auto_step or set_step alike), or
+* compile a function that takes the step as an argument and calls ``set_step`` inside it
+  (``def fwd(batch, step): fm.set_step(model, step); return model(**batch)``): dynamo makes int arguments
+  symbolic after the first change, again 2 compilations in all.
+
+Eval-mode forwards read no counter and compile to one graph with ``fullgraph=True``.
+"""
 
 from __future__ import annotations
 
@@ -6,62 +26,112 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..ops import masked_linear
+from ..config import GRANULARITIES
+from ..ops import gate, masked_linear
 from ..ops._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta
-from ..ops._validate import estimator_code
+from ..ops._validate import check_gate_params, estimator_code
+from ..ref import expand_gates
 
-GRANULARITIES = ("weight", "block", "unit_in", "unit_out", "layer")
+HEAD_SIDES = ("in", "out")
 
 
-def _grid(granularity: str, rows: int, cols: int, in_out: bool, block: Sequence[int]) -> tuple[tuple, tuple]:
-    """(grid shape, block) in the weight's own layout for a granularity; rows x cols is the stored weight."""
+def _grid(granularity: str, rows: int, cols: int, in_out: bool, block: Sequence[int], head_dim: Optional[int],
+          head_side: str) -> tuple[tuple, tuple]:
+    """(grid shape, block) in the weight's own layout for a granularity; rows x cols is the stored weight.
+
+    ``block`` is given in the (out, in) orientation of nn.Linear and transposed for an (in, out) weight.
+    """
     if granularity == "weight":
         return (rows, cols), (1, 1)
     if granularity == "block":
-        bh, bw = block if not in_out else tuple(block)[::-1]
+        bh, bw = tuple(block)[::-1] if in_out else tuple(block)
         return (math.ceil(rows / bh), math.ceil(cols / bw)), (bh, bw)
     if granularity == "layer":
         return (1, 1), (rows, cols)
-    # Input units are the columns of an (out, in) weight and the rows of an (in, out) one.
-    if (granularity == "unit_in") != in_out:
+    if granularity == "head":
+        # Heads group head_dim consecutive input units (attention output projection) or output units (q/k/v).
+        # Input units are the columns of an (out, in) weight and the rows of an (in, out) one.
+        units_are_cols = (head_side == "in") != in_out
+        n_units = cols if units_are_cols else rows
+        if head_dim is None or n_units % head_dim:
+            side = "input" if head_side == "in" else "output"
+            raise ValueError(f"MaskedLinear: granularity='head' needs head_dim dividing the {n_units} {side} units, "
+                             f"got head_dim={head_dim}")
+        if units_are_cols:
+            return (1, cols // head_dim), (rows, head_dim)
+        return (rows // head_dim, 1), (head_dim, cols)
+    units_are_cols = (granularity == "unit_in") != in_out
+    if units_are_cols:
         return (1, cols), (rows, 1)
     return (rows, 1), (1, cols)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
 class MaskedLinear(nn.Module):
     """``y = x (W * m)^T + b`` with ``m`` sampled from trainable ``logits`` by an estimator.
 
-    The weight (and bias) are the wrapped layer's own tensors, frozen and not copied. Each training forward
-    draws fresh noise: the op's offset advances by the number of gates per call, so a run is reproducible from
-    ``seed``. ``eval()`` gives the deterministic gates.
+    The weight (and bias) are the wrapped layer's own tensors, frozen and not copied. The logits are a 2-D grid in
+    the weight's own layout (see fastmask/ref.py); ``granularity`` picks it: "weight", "block" (``block`` in the
+    (out, in) orientation), "unit_in", "unit_out", "head" (groups of ``head_dim`` input units, ``head_side="in"``,
+    or output units, ``head_side="out"``) or "layer". ``eval()`` gives the deterministic gates; training forwards
+    draw noise at position ``step`` (see the module docstring for torch.compile).
+
+    Modes (plain attributes, used by fastmask.hf.inverse / bypass): ``inverse=True`` uses ``1 - m`` (the model
+    with the subnetwork removed); ``bypass=True`` runs the unmasked layer (``F.linear`` with the original weight).
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, weight_layout: str = "out_in",
                  estimator: str = "hard_concrete", granularity: str = "weight", block: Sequence[int] = (32, 32),
-                 init_keep: Optional[float] = 0.9, init_logit: Optional[float] = None, beta: Optional[float] = None,
-                 gamma: float = DEFAULT_GAMMA, zeta: float = DEFAULT_ZETA, tau: float = DEFAULT_TAU, seed: int = 0):
+                 head_dim: Optional[int] = None, head_side: str = "in", init_keep: Optional[float] = 0.9,
+                 init_logit: Optional[float] = None, beta: Optional[float] = None, gamma: float = DEFAULT_GAMMA,
+                 zeta: float = DEFAULT_ZETA, tau: float = DEFAULT_TAU, seed: int = 0):
         super().__init__()
         estimator_code(estimator, "MaskedLinear")
         if granularity not in GRANULARITIES:
             raise ValueError(f"MaskedLinear: granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if weight_layout not in ("out_in", "in_out"):
             raise ValueError(f"MaskedLinear: weight_layout must be 'out_in' or 'in_out', got {weight_layout!r}")
+        if head_side not in HEAD_SIDES:
+            raise ValueError(f"MaskedLinear: head_side must be one of {HEAD_SIDES}, got {head_side!r}")
+        if weight.dim() != 2:
+            raise ValueError(f"MaskedLinear: weight must be 2-D, got shape {list(weight.shape)}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1:
+            raise ValueError(f"MaskedLinear: seed must be an int in [0, 2**63 - 1], got {seed!r}")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.weight.requires_grad_(False)
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias, requires_grad=False)
         self.bias = bias
-        if isinstance(bias, nn.Parameter):
+        if bias is not None:
             bias.requires_grad_(False)
         self.weight_layout, self.estimator, self.granularity = weight_layout, estimator, granularity
-        self.beta, self.gamma, self.zeta, self.tau = default_beta(estimator, beta), gamma, zeta, tau
+        self.beta, self.gamma, self.zeta, self.tau = default_beta(estimator, beta), float(gamma), float(zeta), \
+            float(tau)
+        check_gate_params(self.beta, self.gamma, self.zeta, "MaskedLinear")
         self.seed = int(seed)
+        self.head_dim = None if head_dim is None else int(head_dim)
+        self.head_side = head_side
         rows, cols = weight.shape
-        grid, self.block = _grid(granularity, rows, cols, weight_layout == "in_out", block)
+        grid, self.block = _grid(granularity, rows, cols, weight_layout == "in_out", block, self.head_dim, head_side)
+        self.block = tuple(int(b) for b in self.block)
         if init_logit is None:
+            if init_keep is None:
+                raise ValueError("MaskedLinear: pass init_keep (a probability in (0, 1)) or init_logit")
             init_logit = self._logit_for_keep(init_keep)
         self.logits = nn.Parameter(torch.full(grid, float(init_logit), dtype=torch.float32, device=weight.device))
-        self.register_buffer("calls", torch.zeros((), dtype=torch.int64), persistent=True)
+        self.step = 0  # noise position of the next training forward (Python int: see the module docstring)
+        self.auto_step = True
+        self.inverse = False
+        self.bypass = False
+        # The wrapped nn.Linear / Conv1D (not registered as a submodule: its parameters are ours), handed back by
+        # to_module() so that hooks and attributes of the original layer survive fastmask.merge.
+        object.__setattr__(self, "_base_module", None)
 
     def _logit_for_keep(self, keep: float) -> float:
         """The logit whose training-time keep probability (P(z != 0), or P(z = 1)) is ``keep``."""
@@ -78,29 +148,130 @@ class MaskedLinear(nn.Module):
     def from_module(cls, module: nn.Module, **kwargs) -> "MaskedLinear":
         """Wrap an nn.Linear or a transformers Conv1D (weight stored (in, out)) without copying its weight."""
         if isinstance(module, nn.Linear):
-            return cls(module.weight, module.bias, weight_layout="out_in", **kwargs)
-        if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-            return cls(module.weight, module.bias, weight_layout="in_out", **kwargs)
-        raise TypeError(f"MaskedLinear.from_module: expected nn.Linear or transformers Conv1D, got "
-                        f"{type(module).__name__}")
+            masked = cls(module.weight, module.bias, weight_layout="out_in", **kwargs)
+        elif _is_conv1d(module):
+            masked = cls(module.weight, module.bias, weight_layout="in_out", **kwargs)
+        else:
+            raise TypeError(f"MaskedLinear.from_module: expected nn.Linear or transformers Conv1D, got "
+                            f"{type(module).__name__}")
+        object.__setattr__(masked, "_base_module", module)
+        return masked
 
-    def gates(self) -> torch.Tensor:
-        """The deterministic (eval-mode) gates on the logits grid."""
-        from ..ops import gate
+    # --- shapes ---------------------------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1] if self.weight_layout == "out_in" else self.weight.shape[0]
 
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0] if self.weight_layout == "out_in" else self.weight.shape[1]
+
+    def gate_weight_counts(self) -> torch.Tensor:
+        """Number of weights each gate covers (int64, the logits' shape): edge blocks may be partial."""
+        rows, cols = self.weight.shape
+        (gr, gc), (bh, bw) = self.logits.shape, self.block
+        row_counts = torch.full((gr,), bh, dtype=torch.int64)
+        col_counts = torch.full((gc,), bw, dtype=torch.int64)
+        row_counts[-1] = rows - bh * (gr - 1)
+        col_counts[-1] = cols - bw * (gc - 1)
+        return row_counts[:, None] * col_counts[None, :]
+
+    # --- gates ----------------------------------------------------------------------------------------------
+    def gates(self, inverse: bool = False) -> torch.Tensor:
+        """The deterministic (eval-mode) gates on the logits grid (float32), detached."""
         return gate(self.logits.detach(), estimator=self.estimator, beta=self.beta, gamma=self.gamma,
-                    zeta=self.zeta, tau=self.tau, training=False)
+                    zeta=self.zeta, tau=self.tau, training=False, inverse=inverse)
 
+    def head_gates(self) -> torch.Tensor:
+        """Eval-mode gates per head, 1-D (granularity="head" only)."""
+        if self.granularity != "head":
+            raise ValueError(f"MaskedLinear.head_gates: granularity is {self.granularity!r}, not 'head'")
+        return self.gates().reshape(-1)
+
+    def mask(self, inverse: bool = False) -> torch.Tensor:
+        """The eval-mode mask expanded to the weight's shape and layout (float32)."""
+        return expand_gates(self.gates(inverse), self.block, self.weight.shape)
+
+    @torch.no_grad()
+    def merged_weight(self, inverse: bool = False) -> torch.Tensor:
+        """W * m with the eval-mode mask, in the weight's dtype and layout (the product taken in float32, or
+        float64, and rounded once, as the ops do). A new tensor; the weight is not modified."""
+        w = self.weight
+        up = w if w.dtype == torch.float64 else w.float()
+        return (up * self.mask(inverse).to(up.dtype)).to(w.dtype)
+
+    # --- forward --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.weight.dtype)
+        if self.bypass:
+            weight = self.weight if self.weight_layout == "out_in" else self.weight.t()
+            return F.linear(x, weight, self.bias)
         offset = 0
         if self.training:
-            offset = int(self.calls) * self.logits.numel()
-            self.calls += 1
-        return masked_linear(x.to(self.weight.dtype), self.weight, self.logits, self.bias,
-                             estimator=self.estimator, seed=self.seed, offset=offset, training=self.training,
+            offset = self.step * self.logits.numel()
+            if self.auto_step:
+                self.step = self.step + 1
+        return masked_linear(x, self.weight, self.logits, self.bias, estimator=self.estimator, seed=self.seed,
+                             offset=offset, training=self.training, inverse=self.inverse,
                              weight_layout=self.weight_layout, block=self.block, beta=self.beta, gamma=self.gamma,
                              zeta=self.zeta, tau=self.tau)
 
+    # --- back to a plain layer ------------------------------------------------------------------------------
+    def to_module(self, weight: Optional[torch.Tensor] = None) -> nn.Module:
+        """The plain nn.Linear / Conv1D this layer wraps (the original object when there is one), holding
+        ``weight`` (default: the unmasked weight) and the bias."""
+        weight = self.weight if weight is None else weight
+        if not isinstance(weight, nn.Parameter):
+            weight = nn.Parameter(weight, requires_grad=False)
+        module = self._base_module
+        if module is None:
+            with torch.device("meta"):  # shapes only: the tensors are replaced just below
+                if self.weight_layout == "out_in":
+                    module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+                else:
+                    from transformers.pytorch_utils import Conv1D
+
+                    module = Conv1D(self.out_features, self.in_features)
+        module.weight = weight
+        module.bias = self.bias
+        return module
+
+    def describe(self) -> dict:
+        """The layer's mask hyper-parameters as plain JSON types (stored by fastmask.save_masks)."""
+        return {"weight_shape": list(self.weight.shape), "weight_layout": self.weight_layout,
+                "estimator": self.estimator, "granularity": self.granularity, "block": list(self.block),
+                "logits_shape": list(self.logits.shape), "head_dim": self.head_dim, "head_side": self.head_side,
+                "beta": self.beta, "gamma": self.gamma, "zeta": self.zeta, "tau": self.tau, "seed": self.seed,
+                "step": int(self.step)}
+
     def extra_repr(self) -> str:
+        mode = " inverse" if self.inverse else (" bypass" if self.bypass else "")
         return (f"weight={tuple(self.weight.shape)} ({self.weight_layout}), estimator={self.estimator}, "
-                f"granularity={self.granularity}, gates={tuple(self.logits.shape)}")
+                f"granularity={self.granularity}, gates={tuple(self.logits.shape)}{mode}")
+
+
+def masked_layers(model: nn.Module) -> dict[str, MaskedLinear]:
+    """{qualified name: MaskedLinear} of a model, in module order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MaskedLinear)}
+
+
+def set_step(model: nn.Module, step: int, *, auto: bool = False) -> None:
+    """Pin the noise of every MaskedLinear in ``model`` to training step ``step`` (an int >= 0).
+
+    Training forwards then use offset ``step * n_gates`` until the next call (``auto=False``), or advance from
+    ``step`` by one per forward (``auto=True``, the default behaviour of a fresh MaskedLinear). Call it inside a
+    compiled function that receives ``step`` as an argument to train under torch.compile without recompiling
+    every step (see the module docstring).
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, torch.SymInt)):
+        raise TypeError(f"fastmask.set_step: step must be an int, got {type(step).__name__}")
+    if step < 0:
+        raise ValueError(f"fastmask.set_step: step must be >= 0, got {step}")
+    found = False
+    for module in model.modules():
+        if isinstance(module, MaskedLinear):
+            module.step = step
+            module.auto_step = auto
+            found = True
+    if not found:
+        raise ValueError("fastmask.set_step: the model has no MaskedLinear layers (call fastmask.apply first)")

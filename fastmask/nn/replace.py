@@ -7,11 +7,12 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .masked_linear import MaskedLinear
+from .masked_linear import MaskedLinear, _is_conv1d
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+    """nn.Linear (and subclasses) or transformers' Conv1D; never a MaskedLinear (so nothing is wrapped twice)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
 def replace_linear_layers(model: nn.Module, include: str = r".*", exclude: Optional[str] = None,

@@ -1,0 +1,309 @@
+"""Masks inside unmodified Hugging Face models (BERT, GPT-2, Llama): apply, penalties, statistics, modes.
+
+    model = fm.apply(AutoModel.from_pretrained(...), fm.MaskConfig(granularity="head"))
+    opt = torch.optim.Adam(fm.mask_parameters(model), lr=0.1)
+    loss = task_loss(model(**batch)) + lam * fm.l0_penalty(model, normalize=True)
+    model.eval(); fm.sparsity(model)["overall"]          # deterministic gates
+    with fm.inverse(model): ...                            # the model with the subnetwork removed
+    with fm.bypass(model): ...                             # the original model, same weights
+
+``apply`` swaps the targeted nn.Linear / Conv1D layers for fastmask.nn.MaskedLinear in place (the weight tensors
+are shared, not copied) and freezes every other parameter. Default targets come from ``model.config.model_type``
+(``ARCHITECTURES`` below): the attention projections and MLP layers of every transformer block; embeddings, norms,
+poolers and the LM head stay untouched unless targeted explicitly.
+
+Heads. transformers 5 has no ``head_mask``; a head is a group of ``head_dim`` consecutive input units of the
+attention output projection (BERT ``attention.output.dense``, GPT-2 ``attn.c_proj``, Llama ``o_proj``), so
+``granularity="head"`` masks those columns: logits (1, n_heads) with block (out, head_dim) over an (out, in)
+weight, (n_heads, 1) with block (head_dim, out) over GPT-2's (in, out) Conv1D. This works with every attention
+implementation (eager, SDPA, flash). With granularity="head" only the output projections are targeted by default;
+targeting q/k/v projections (or GPT-2's fused ``c_attn``) groups their OUTPUT units per head instead: ``c_attn``
+gets 3 * n_heads gates (q heads, then k heads, then v heads; grid (1, 3 n_heads), block (in, head_dim)). Masks
+gate weights, never biases: a masked q/k/v head keeps its bias.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import re
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import MaskConfig
+from .nn.masked_linear import MaskedLinear, _is_conv1d, masked_layers, set_step
+from .ops import l0_norm
+
+# Per architecture family: (regex over the qualified module name, role). Roles: attn_q / attn_k / attn_v (output
+# units grouped per head), attn_qkv (GPT-2's fused q|k|v), attn_out (input units grouped per head), mlp_in,
+# mlp_gate, mlp_up (rows are MLP units), mlp_out (columns are MLP units).
+_BLOCK = r"(?:^|\.)"
+ARCHITECTURES: dict[str, tuple[tuple[str, str], ...]] = {
+    "bert": (
+        (_BLOCK + r"encoder\.layer\.\d+\.attention\.self\.query$", "attn_q"),
+        (_BLOCK + r"encoder\.layer\.\d+\.attention\.self\.key$", "attn_k"),
+        (_BLOCK + r"encoder\.layer\.\d+\.attention\.self\.value$", "attn_v"),
+        (_BLOCK + r"encoder\.layer\.\d+\.attention\.output\.dense$", "attn_out"),
+        (_BLOCK + r"encoder\.layer\.\d+\.intermediate\.dense$", "mlp_in"),
+        (_BLOCK + r"encoder\.layer\.\d+\.output\.dense$", "mlp_out"),
+    ),
+    "gpt2": (
+        (_BLOCK + r"h\.\d+\.attn\.c_attn$", "attn_qkv"),
+        (_BLOCK + r"h\.\d+\.attn\.c_proj$", "attn_out"),
+        (_BLOCK + r"h\.\d+\.mlp\.c_fc$", "mlp_in"),
+        (_BLOCK + r"h\.\d+\.mlp\.c_proj$", "mlp_out"),
+    ),
+    "llama": (
+        (_BLOCK + r"layers\.\d+\.self_attn\.q_proj$", "attn_q"),
+        (_BLOCK + r"layers\.\d+\.self_attn\.k_proj$", "attn_k"),
+        (_BLOCK + r"layers\.\d+\.self_attn\.v_proj$", "attn_v"),
+        (_BLOCK + r"layers\.\d+\.self_attn\.o_proj$", "attn_out"),
+        (_BLOCK + r"layers\.\d+\.mlp\.gate_proj$", "mlp_gate"),
+        (_BLOCK + r"layers\.\d+\.mlp\.up_proj$", "mlp_up"),
+        (_BLOCK + r"layers\.\d+\.mlp\.down_proj$", "mlp_out"),
+    ),
+}
+# model_type -> family, for architectures that share a family's module names and head layout.
+MODEL_TYPES = {"bert": "bert", "roberta": "bert", "gpt2": "gpt2", "llama": "llama", "mistral": "llama",
+               "qwen2": "llama"}
+HEAD_SIDE = {"attn_q": "out", "attn_k": "out", "attn_v": "out", "attn_qkv": "out", "attn_out": "in"}
+
+_SEED_MASK = 2**63 - 1
+
+
+# --- architecture -------------------------------------------------------------------------------------------
+def model_family(model_or_type: Union[nn.Module, str, None]) -> Optional[str]:
+    """"bert" / "gpt2" / "llama" for a model (from ``model.config.model_type``) or a model_type string."""
+    if isinstance(model_or_type, nn.Module):
+        model_or_type = getattr(getattr(model_or_type, "config", None), "model_type", None)
+    return MODEL_TYPES.get(model_or_type) if isinstance(model_or_type, str) else None
+
+
+def layer_role(family: Optional[str], name: str) -> Optional[str]:
+    """The role of a layer (attn_q, attn_out, mlp_in, ...) from its qualified name, or None."""
+    for pattern, role in ARCHITECTURES.get(family, ()):
+        if re.search(pattern, name):
+            return role
+    return None
+
+
+def default_targets(model_or_type: Union[nn.Module, str], granularity: str = "weight") -> list[str]:
+    """The regexes ``apply`` uses when ``MaskConfig.targets`` is None: every attention projection and MLP layer
+    of the transformer blocks; only the attention output projections for granularity="head"."""
+    family = model_family(model_or_type)
+    if family is None:
+        kind = model_or_type if isinstance(model_or_type, str) else \
+            getattr(getattr(model_or_type, "config", None), "model_type", type(model_or_type).__name__)
+        raise ValueError(f"fastmask: no default targets for model type {kind!r} (known: {sorted(MODEL_TYPES)}); "
+                         f"pass MaskConfig(targets=[...regexes over module names...])")
+    return [pattern for pattern, role in ARCHITECTURES[family] if granularity != "head" or role == "attn_out"]
+
+
+def head_dim(model: nn.Module) -> int:
+    """Size of one attention head, from the model config (``head_dim``, else hidden_size / num_attention_heads)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("fastmask: granularity='head' needs model.config (head_dim / num_attention_heads)")
+    explicit = getattr(config, "head_dim", None)
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if not hidden or not heads or hidden % heads:
+        raise ValueError(f"fastmask: cannot infer head_dim from the config (hidden_size={hidden}, "
+                         f"num_attention_heads={heads})")
+    return hidden // heads
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """Noise seed of layer ``name``: the first 63 bits of sha256(f"{seed}:{name}"). Depends on the name only, so
+    the noise of a layer does not change when other layers are (un)targeted."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & _SEED_MASK
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def find_targets(model: nn.Module, config: MaskConfig) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the nn.Linear / Conv1D layers ``config`` targets in ``model``, in module order."""
+    targets = config.targets if config.targets is not None else default_targets(model, config.granularity)
+    linear = [(name, module) for name, module in model.named_modules() if name and _is_linear_like(module)]
+    compiled = [re.compile(t) for t in targets]
+
+    def matches(pattern, name, module):
+        return pattern.search(name) is not None or pattern.fullmatch(type(module).__name__) is not None
+
+    chosen = [(name, module) for name, module in linear if any(matches(p, name, module) for p in compiled)]
+    unmatched = [t for t, p in zip(targets, compiled) if not any(matches(p, n, m) for n, m in linear)]
+    if not chosen or (config.targets is not None and unmatched):
+        examples = ", ".join(name for name, _ in linear[:6]) or "none"
+        missing = unmatched if unmatched else targets
+        raise ValueError(f"fastmask.apply: the target(s) {missing} match no nn.Linear / Conv1D layer of "
+                         f"{type(model).__name__} ({len(linear)} linear layers, e.g. {examples})")
+    return chosen
+
+
+# --- apply --------------------------------------------------------------------------------------------------
+def apply(model: nn.Module, config: Optional[MaskConfig] = None, **overrides) -> nn.Module:
+    """Swap the targeted layers of ``model`` for MaskedLinear in place and freeze every other parameter.
+
+    ``config`` defaults to ``MaskConfig()``; keyword arguments override its fields
+    (``fm.apply(model, granularity="head")``). Returns ``model`` (with ``model.fastmask_config`` set). The weights
+    are shared with the original layers (no copy); the logits (float32) are the only trainable parameters.
+    """
+    config = MaskConfig() if config is None else config
+    if not isinstance(config, MaskConfig):
+        raise TypeError(f"fastmask.apply: config must be a MaskConfig, got {type(config).__name__}")
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    config.validate()
+    if masked_layers(model):
+        raise ValueError("fastmask.apply: the model already has MaskedLinear layers; fastmask.merge(model) (or a "
+                         "fresh model) first")
+    family = model_family(model)
+    chosen = find_targets(model, config)
+    kwargs = config.module_kwargs()
+    dim = head_dim(model) if config.granularity == "head" else None
+    plan = []
+    for name, module in chosen:
+        layer_kwargs = dict(kwargs, seed=layer_seed(config.seed, name))
+        if config.granularity == "head":
+            role = layer_role(family, name)
+            if role not in HEAD_SIDE:
+                raise ValueError(f"fastmask.apply: granularity='head' masks attention projections; {name} "
+                                 f"({type(module).__name__}, role {role or 'unknown'}) is not one. Target the "
+                                 f"attention output / q, k, v projections only")
+            layer_kwargs.update(head_dim=dim, head_side=HEAD_SIDE[role])
+        plan.append((name, module, layer_kwargs))
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    masked = [(name, MaskedLinear.from_module(module, **layer_kwargs)) for name, module, layer_kwargs in plan]
+    for name, layer in masked:  # all built before any swap: a bad layer leaves the model untouched
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        layer.train(model.training)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in masked:
+        layer.logits.requires_grad_(True)
+    model.fastmask_config = config
+    model._fastmask_requires_grad = requires_grad
+    return model
+
+
+def _require_masked(model: nn.Module, where: str) -> dict[str, MaskedLinear]:
+    layers = masked_layers(model)
+    if not layers:
+        raise ValueError(f"fastmask.{where}: the model has no MaskedLinear layers (call fastmask.apply first)")
+    return layers
+
+
+def masked_modules(model: nn.Module) -> dict[str, MaskedLinear]:
+    """{qualified name: MaskedLinear} of a patched model."""
+    return masked_layers(model)
+
+
+def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The logits of every masked layer (what the optimizer trains)."""
+    return [layer.logits for layer in _require_masked(model, "mask_parameters").values()]
+
+
+# --- penalties and statistics -------------------------------------------------------------------------------
+def _layer_l0(layer: MaskedLinear, weighted: bool) -> torch.Tensor:
+    kwargs = dict(beta=layer.beta, gamma=layer.gamma, zeta=layer.zeta, estimator=layer.estimator, tau=layer.tau)
+    logits = layer.logits
+    if not weighted:
+        return l0_norm(logits, **kwargs)
+    rows, cols = layer.weight.shape
+    (gr, gc), (bh, bw) = logits.shape, layer.block
+    if rows % bh == 0 and cols % bw == 0:  # every gate covers bh * bw weights
+        return l0_norm(logits, **kwargs) * float(bh * bw)
+    # Partial edge blocks: at most four regions of equal block size (interior, last row, last column, corner).
+    total = logits.new_zeros(())
+    for row_slice, h in ((slice(0, gr - 1), bh), (slice(gr - 1, gr), rows - bh * (gr - 1))):
+        for col_slice, w in ((slice(0, gc - 1), bw), (slice(gc - 1, gc), cols - bw * (gc - 1))):
+            part = logits[row_slice, col_slice]
+            if part.numel():
+                total = total + l0_norm(part, **kwargs) * float(h * w)
+    return total
+
+
+def l0_penalty(model: nn.Module, *, weighted: bool = True, normalize: bool = False) -> torch.Tensor:
+    """Differentiable expected size of the subnetwork: the sum of ``fm.ops.l0_norm`` over the masked layers.
+
+    weighted=True (default): each gate's expected non-zero probability counts the number of weights it covers,
+    so the penalty is the expected number of kept WEIGHTS whatever the granularity (a head gate over a 768 x 64
+    block counts 49152). weighted=False: the expected number of open GATES. normalize=True divides by the total
+    (weights or gates), giving an expected density in [0, 1] whose weight in the loss does not depend on the
+    model size. A 0-dim float32 tensor.
+    """
+    layers = _require_masked(model, "l0_penalty").values()
+    total = sum(_layer_l0(layer, weighted) for layer in layers)
+    if normalize:
+        count = sum(layer.weight.numel() if weighted else layer.logits.numel() for layer in layers)
+        total = total / float(count)
+    return total
+
+
+def _type_key(name: str) -> str:
+    """The layer's name with its block indices replaced by '*': "h.*.attn.c_attn"."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+@torch.no_grad()
+def sparsity(model: nn.Module) -> dict:
+    """Fractions of masked weights whose EVAL-mode gate is exactly 0 (whatever the current mode):
+
+    {"overall": float, "zero_weights": int, "total_weights": int, "zero_gates": int, "total_gates": int,
+     "per_layer": {name: float}, "per_type": {"encoder.layer.*.attention.self.query": float, ...}}
+    """
+    per_layer, per_type_counts = {}, {}
+    zero_w = total_w = zero_g = total_g = 0
+    for name, layer in _require_masked(model, "sparsity").items():
+        closed = (layer.gates() == 0).cpu()
+        counts = layer.gate_weight_counts()
+        zeros = int(counts[closed].sum())
+        numel = layer.weight.numel()
+        per_layer[name] = zeros / numel
+        key = _type_key(name)
+        z, t = per_type_counts.get(key, (0, 0))
+        per_type_counts[key] = (z + zeros, t + numel)
+        zero_w, total_w = zero_w + zeros, total_w + numel
+        zero_g, total_g = zero_g + int(closed.sum()), total_g + closed.numel()
+    return {"overall": zero_w / total_w, "zero_weights": zero_w, "total_weights": total_w, "zero_gates": zero_g,
+            "total_gates": total_g, "per_layer": per_layer,
+            "per_type": {key: z / t for key, (z, t) in per_type_counts.items()}}
+
+
+# --- modes --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _mode(model: nn.Module, where: str, inverse: bool, bypass: bool) -> Iterator[nn.Module]:
+    layers = list(_require_masked(model, where).values())
+    saved = [(layer, layer.inverse, layer.bypass) for layer in layers]
+    try:
+        for layer in layers:
+            layer.inverse, layer.bypass = inverse, bypass
+        yield model
+    finally:
+        for layer, was_inverse, was_bypass in saved:
+            layer.inverse, layer.bypass = was_inverse, was_bypass
+
+
+def inverse(model: nn.Module):
+    """Context manager: inside it every masked layer uses ``1 - m`` (the model with the subnetwork removed).
+    No weight is copied; the previous modes come back on exit, also on exceptions."""
+    return _mode(model, "inverse", inverse=True, bypass=False)
+
+
+def bypass(model: nn.Module):
+    """Context manager: inside it every masked layer runs ``F.linear`` with its unmasked weight (the original
+    model). No weight is copied; the previous modes come back on exit, also on exceptions."""
+    return _mode(model, "bypass", inverse=False, bypass=True)
+
+
+__all__ = ["ARCHITECTURES", "MODEL_TYPES", "apply", "default_targets", "find_targets", "layer_role", "layer_seed",
+           "head_dim", "model_family", "masked_modules", "mask_parameters", "l0_penalty", "sparsity", "inverse",
+           "bypass", "set_step"]
