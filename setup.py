@@ -162,6 +162,7 @@ def _make_extensions():
         sources=[_rel(p) for p in sources["cpp"] + sources["cuda"]],
         depends=[_rel(p) for p in sources["headers"]],
         extra_compile_args={"cxx": cxx},
+        extra_link_args=bu.link_flags(),
         py_limited_api=False,
     )
     if with_cuda:

@@ -238,8 +238,14 @@ def cxx_std() -> str:
 
 
 def cxx_flags() -> list[str]:
-    # Portable: no -march=native (wheels and CI artifacts run on other CPUs).
-    return ["-O3", f"-std={cxx_std()}"]
+    # Portable: no -march=native (wheels and CI artifacts run on other CPUs); the CPU kernels pick their
+    # instruction set at run time. -fopenmp: at::parallel_for is header code and runs on ONE thread unless the
+    # extension itself is compiled with OpenMP (it then shares torch's libgomp).
+    return ["-O3", f"-std={cxx_std()}", "-fopenmp"]
+
+
+def link_flags() -> list[str]:
+    return ["-fopenmp"]
 
 
 def nvcc_flags() -> list[str]:

@@ -152,6 +152,7 @@ def _jit_build() -> tuple[Optional[ExtStatus], str]:
                 extra_include_paths=includes,
                 extra_cflags=bu.cxx_flags() + (["-DFASTMASK_WITH_CUDA=1"] if with_cuda else []),
                 extra_cuda_cflags=bu.nvcc_flags() + ["-DFASTMASK_WITH_CUDA=1"],
+                extra_ldflags=bu.link_flags(),
                 with_cuda=with_cuda,
                 is_python_module=False,
                 verbose=bu.env_flag("FASTMASK_JIT_VERBOSE", False),

@@ -1,0 +1,920 @@
+// CPU impls of the fastmask._C ops (_uniform_fill, _gate_fwd, _gate_bwd, _masked_weight, _mask_grad).
+// Design: gates are regenerated from (seed, offset) and never stored; every op works on tiles of
+// (block row g, run of grid columns), computes each gate once into a small stack/thread-local buffer and then
+// streams the weight rows of that tile (one pass over W / grad_wm). float32 gate math runs in vectorisable loops
+// (Philox in AVX-512 / AVX2 intrinsics chosen at run time, log/exp as branch-free polynomials), float64 uses the
+// scalar fastmask::gate_value<double> of philox.h (gradcheck path).
+// Limits: reductions of _mask_grad are split over tiles only (deterministic, independent of the thread count), so a
+// grid of a single cell (a whole-layer mask) is reduced by one thread. Needs -fopenmp (at::parallel_for is header
+// code) to use more than one thread. FASTMASK_CPU_ISA=scalar|avx2|avx512 caps the instruction set: AVX2 and AVX-512
+// give the same bits; the portable path (no FMA) differs from them by float32 rounding only.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../philox.h"
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define FASTMASK_X86_DISPATCH 1
+#include <immintrin.h>
+#define FASTMASK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FASTMASK_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
+#else
+#define FASTMASK_X86_DISPATCH 0
+#endif
+
+#if defined(AT_PARALLEL_OPENMP) && AT_PARALLEL_OPENMP && !defined(_OPENMP)
+// at::parallel_for is header code: without OpenMP in this translation unit every kernel runs on one thread.
+#pragma message("fastmask: csrc/cpu/mask_kernels.cpp is compiled without -fopenmp, the CPU kernels will use one thread; add -fopenmp to the C++ compile and link flags")
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTMASK_INLINE inline __attribute__((always_inline))
+#else
+#define FASTMASK_INLINE inline
+#endif
+
+#if defined(__clang__)
+// No implicit a*b+c contraction (GCC: see the gate math below); fused multiply-adds are written out where wanted.
+#pragma clang fp contract(off)
+#endif
+
+namespace fastmask {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Instruction-set dispatch
+// ---------------------------------------------------------------------------------------------------------------
+
+enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+
+Isa detected_isa() {
+#if FASTMASK_X86_DISPATCH
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+      return kIsaAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return kIsaAvx2;
+    return kIsaScalar;
+  }();
+  return isa;
+#else
+  return kIsaScalar;
+#endif
+}
+
+// The instruction set of this call: the detected one, capped by FASTMASK_CPU_ISA (read per call, so tests can switch).
+Isa current_isa() {
+  Isa isa = detected_isa();
+  if (const char* env = std::getenv("FASTMASK_CPU_ISA")) {
+    Isa cap = isa;
+    if (std::strcmp(env, "scalar") == 0) cap = kIsaScalar;
+    else if (std::strcmp(env, "avx2") == 0) cap = kIsaAvx2;
+    isa = std::min(isa, cap);
+  }
+  return isa;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Philox: u[i] = philox_uniform(seed, ctr + i), bit-exact with philox.h on every path
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr uint32_t kPhiloxA = 0xD2511F53u, kPhiloxB = 0xCD9E8D57u;  // round multipliers
+constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;        // key increments
+constexpr float kUintToFloat = 4.6566127342e-10f;                   // Triton's uint -> [0, 1) scale
+
+// Portable loop over counters (c0 + i, c1) with c0 + n <= 2^32 (no carry); GCC auto-vectorises it.
+void philox_words_scalar(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c1_const, int64_t n,
+                         float* __restrict u) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t c0 = c0_start + static_cast<uint32_t>(i), c1 = c1_const, c2 = 0, c3 = 0, a0 = k0, a1 = k1;
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10
+#endif
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t pb = static_cast<uint64_t>(kPhiloxB) * c2, pa = static_cast<uint64_t>(kPhiloxA) * c0;
+      c0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ a0;
+      c2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ a1;
+      c1 = static_cast<uint32_t>(pb);
+      c3 = static_cast<uint32_t>(pa);
+      a0 += kKeyA;
+      a1 += kKeyB;
+    }
+    int32_t x = static_cast<int32_t>(c0);
+    x ^= (x >> 31);  // ~x for negative x: Triton's fold
+    u[i] = static_cast<float>(x) * kUintToFloat;
+  }
+}
+
+#if FASTMASK_X86_DISPATCH
+// The Philox state lives in 64-bit lanes (low 32 bits meaningful): _mul_epu32 then gives the full 32x32->64
+// product in one instruction and ignores the garbage that the xors leave in the high halves.
+FASTMASK_TARGET_AVX2 void philox_words_avx2(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c1_const,
+                                            int64_t n, float* __restrict u) {
+  const __m256i mul_a = _mm256_set1_epi64x(kPhiloxA), mul_b = _mm256_set1_epi64x(kPhiloxB);
+  const __m256i even = _mm256_set_epi64x(6, 4, 2, 0), odd = _mm256_set_epi64x(7, 5, 3, 1);
+  const __m256i low_mask = _mm256_set1_epi64x(0xffffffffll);
+  const __m256 scale = _mm256_set1_ps(kUintToFloat);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    // Two streams: x holds elements i, i+2, i+4, i+6 and y holds i+1, i+3, ..., interleaved back at the end.
+    const __m256i base = _mm256_set1_epi64x(static_cast<int64_t>(c0_start) + i);
+    __m256i x0 = _mm256_add_epi64(base, even), y0 = _mm256_add_epi64(base, odd);
+    __m256i x1 = _mm256_set1_epi64x(c1_const), y1 = x1;
+    __m256i x2 = _mm256_setzero_si256(), y2 = x2, x3 = x2, y3 = x2;
+    uint32_t a0 = k0, a1 = k1;
+    for (int round = 0; round < 10; ++round) {
+      const __m256i key0 = _mm256_set1_epi64x(a0), key1 = _mm256_set1_epi64x(a1);
+      const __m256i pbx = _mm256_mul_epu32(x2, mul_b), pax = _mm256_mul_epu32(x0, mul_a);
+      const __m256i pby = _mm256_mul_epu32(y2, mul_b), pay = _mm256_mul_epu32(y0, mul_a);
+      x0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pbx, 32), x1), key0);
+      x2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pax, 32), x3), key1);
+      y0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pby, 32), y1), key0);
+      y2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pay, 32), y3), key1);
+      x1 = pbx;
+      x3 = pax;
+      y1 = pby;
+      y3 = pay;
+      a0 += kKeyA;
+      a1 += kKeyB;
+    }
+    __m256i w = _mm256_or_si256(_mm256_and_si256(x0, low_mask), _mm256_slli_epi64(y0, 32));
+    w = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
+    _mm256_storeu_ps(u + i, _mm256_mul_ps(_mm256_cvtepi32_ps(w), scale));
+  }
+  if (i < n) philox_words_scalar(k0, k1, c0_start + static_cast<uint32_t>(i), c1_const, n - i, u + i);
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive inside avx512fintrin.h
+#endif
+FASTMASK_TARGET_AVX512 void philox_words_avx512(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c1_const,
+                                                int64_t n, float* __restrict u) {
+  const __m512i mul_a = _mm512_set1_epi64(kPhiloxA), mul_b = _mm512_set1_epi64(kPhiloxB);
+  const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), eight = _mm512_set1_epi64(8);
+  const __m256 scale = _mm256_set1_ps(kUintToFloat);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    // Two independent 8-lane streams (elements i..i+7 and i+8..i+15) for instruction-level parallelism.
+    __m512i x0 = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(c0_start) + i), iota);
+    __m512i y0 = _mm512_add_epi64(x0, eight);
+    __m512i x1 = _mm512_set1_epi64(c1_const), y1 = x1;
+    __m512i x2 = _mm512_setzero_si512(), y2 = x2, x3 = x2, y3 = x2;
+    uint32_t a0 = k0, a1 = k1;
+    for (int round = 0; round < 10; ++round) {
+      const __m512i key0 = _mm512_set1_epi64(a0), key1 = _mm512_set1_epi64(a1);
+      const __m512i pbx = _mm512_mul_epu32(x2, mul_b), pax = _mm512_mul_epu32(x0, mul_a);
+      const __m512i pby = _mm512_mul_epu32(y2, mul_b), pay = _mm512_mul_epu32(y0, mul_a);
+      x0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pbx, 32), x1, key0, 0x96);  // 3-way xor
+      x2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pax, 32), x3, key1, 0x96);
+      y0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pby, 32), y1, key0, 0x96);
+      y2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pay, 32), y3, key1, 0x96);
+      x1 = pbx;
+      x3 = pax;
+      y1 = pby;
+      y3 = pay;
+      a0 += kKeyA;
+      a1 += kKeyB;
+    }
+    __m256i wx = _mm512_cvtepi64_epi32(x0), wy = _mm512_cvtepi64_epi32(y0);
+    wx = _mm256_xor_si256(wx, _mm256_srai_epi32(wx, 31));
+    wy = _mm256_xor_si256(wy, _mm256_srai_epi32(wy, 31));
+    _mm256_storeu_ps(u + i, _mm256_mul_ps(_mm256_cvtepi32_ps(wx), scale));
+    _mm256_storeu_ps(u + i + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(wy), scale));
+  }
+  if (i < n) philox_words_scalar(k0, k1, c0_start + static_cast<uint32_t>(i), c1_const, n - i, u + i);
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
+// u[i] = philox_uniform(seed, ctr + i) for i < n (64-bit counters; split where the low word wraps).
+template <int kIsa>
+FASTMASK_INLINE void philox_fill(uint64_t seed, uint64_t ctr, int64_t n, float* u) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  while (n > 0) {
+    const uint64_t to_wrap = (uint64_t{1} << 32) - (ctr & 0xffffffffull);
+    const int64_t m = static_cast<int64_t>(std::min<uint64_t>(static_cast<uint64_t>(n), to_wrap));
+    const uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32);
+#if FASTMASK_X86_DISPATCH
+    if constexpr (kIsa == kIsaAvx512) philox_words_avx512(k0, k1, c0, c1, m, u);
+    else if constexpr (kIsa == kIsaAvx2) philox_words_avx2(k0, k1, c0, c1, m, u);
+    else philox_words_scalar(k0, k1, c0, c1, m, u);
+#else
+    philox_words_scalar(k0, k1, c0, c1, m, u);
+#endif
+    ctr += static_cast<uint64_t>(m);
+    u += m;
+    n -= m;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// float32 gate math: branch-free, so that the loops below vectorise in each instruction set
+// ---------------------------------------------------------------------------------------------------------------
+
+#if defined(__GNUC__) && !defined(__clang__)
+// No implicit a*b+c contraction in the gate math (GCC contracts freely in C++ once a target has FMA, as the AVX2 /
+// AVX-512 ones here do, and it may do so differently in a loop's vector body and its scalar tail): every element
+// then takes the same roundings wherever it falls, so gates do not depend on how the work is split (thread count).
+// The fused multiply-adds that we want are explicit (mad below).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+FASTMASK_INLINE float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+FASTMASK_INLINE uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+// c ? a : b as a bit mask: GCC (with the default -ftrapping-math) does not if-convert most float `?:` into vector
+// selects, this form it vectorises on every instruction set.
+FASTMASK_INLINE float select(bool c, float a, float b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return bits_to_float((float_to_bits(a) & m) | (float_to_bits(b) & ~m));
+}
+
+// a * b + c, fused (one rounding) on the AVX2+FMA / AVX-512 paths, two roundings on the portable path. Explicit,
+// because the gate math is compiled without contraction (see above): then the vector body and the scalar tail of
+// a loop round alike.
+template <bool kFma>
+FASTMASK_INLINE float mad(float a, float b, float c) {
+  if constexpr (kFma) return std::fma(a, b, c);
+  else return a * b + c;
+}
+
+// exp(x), Cephes expf polynomial (about 1 ulp); x is clamped to [-87, 88] (the result stays normal), NaN propagates.
+template <bool kFma>
+FASTMASK_INLINE float fast_exp(float x) {
+  float xc = select(x > 88.0f, 88.0f, x);
+  xc = select(xc < -87.0f, -87.0f, xc);
+  const float shifted = mad<kFma>(xc, 1.44269504088896341f, 12582912.0f);  // round(x / ln 2): 1.5 * 2^23 trick
+  const float n = shifted - 12582912.0f;
+  const int32_t ni = static_cast<int32_t>(float_to_bits(shifted) - float_to_bits(12582912.0f));
+  float r = mad<kFma>(n, -0.693359375f, xc);  // Cody-Waite: ln 2 = 0.693359375 - 2.12194440e-4
+  r = mad<kFma>(n, 2.12194440e-4f, r);
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = mad<kFma>(p, r, 1.3981999507e-3f);
+  p = mad<kFma>(p, r, 8.3334519073e-3f);
+  p = mad<kFma>(p, r, 4.1665795894e-2f);
+  p = mad<kFma>(p, r, 1.6666665459e-1f);
+  p = mad<kFma>(p, r, 5.0000001201e-1f);
+  const float y = mad<kFma>(p, r2, r) + 1.0f;  // in [0.7, 1.42]
+  const float result = bits_to_float(float_to_bits(y) + (static_cast<uint32_t>(ni) << 23));
+  return select(x != x, x, result);
+}
+
+// log(x) for normal x > 0 (Cephes logf, about 1 ulp).
+template <bool kFma>
+FASTMASK_INLINE float fast_log(float x) {
+  const uint32_t bits = float_to_bits(x);
+  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
+  float m = bits_to_float((bits & 0x007fffffu) | 0x3f000000u);  // x = m * 2^e, m in [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = select(small, e - 1.0f, e);
+  m = select(small, m + m - 1.0f, m - 1.0f);  // log(x) = log1p(m) + e log 2, m in [sqrt(1/2) - 1, sqrt(2) - 1)
+  const float m2 = m * m;
+  float p = 7.0376836292e-2f;
+  p = mad<kFma>(p, m, -1.1514610310e-1f);
+  p = mad<kFma>(p, m, 1.1676998740e-1f);
+  p = mad<kFma>(p, m, -1.2420140846e-1f);
+  p = mad<kFma>(p, m, 1.4249322787e-1f);
+  p = mad<kFma>(p, m, -1.6668057665e-1f);
+  p = mad<kFma>(p, m, 2.0000714765e-1f);
+  p = mad<kFma>(p, m, -2.4999993993e-1f);
+  p = mad<kFma>(p, m, 3.3333331174e-1f);
+  float y = p * m * m2;
+  y = mad<kFma>(e, -2.12194440e-4f, y);
+  y = mad<kFma>(-0.5f, m2, y);
+  return mad<kFma>(e, 0.693359375f, m + y);
+}
+
+template <bool kFma>
+FASTMASK_INLINE float fast_sigmoid(float v) {
+  return 1.0f / (1.0f + fast_exp<kFma>(-v));
+}
+
+// logit(u) of the clamped noise, as fastmask.ref._logistic_noise but with one log: log(u / (1 - u)) instead of
+// log(u) - log1p(-u) (1 - u is exact for u >= 1/2 and within 2^-25 relative below; the difference to the reference
+// stays around 1e-7, far inside the float32 tolerance, and it saves a third of the transcendental work).
+template <bool kFma>
+FASTMASK_INLINE float logistic_noise_f(float u) {
+  u = select(u < kUniformEps, kUniformEps, u);
+  u = select(u > 1.0f - kUniformEps, 1.0f - kUniformEps, u);
+  return fast_log<kFma>(u / (1.0f - u));
+}
+
+// Estimator parameters in float32, cast the way fastmask.ref casts python floats into float32 tensors.
+struct GateParamsF {
+  int64_t estimator;
+  uint64_t seed, offset;
+  float beta, gamma, zeta_minus_gamma, tau;  // zeta - gamma is taken in double, then rounded (as in ref.py)
+  bool training, inverse;
+};
+
+// The estimator loops: training is a template flag and every condition a select, so that each loop vectorises.
+template <bool kFma, bool kSlope, bool kTrain>
+FASTMASK_INLINE void hard_concrete_f(const GateParamsF& p, const float* __restrict l, const float* __restrict u,
+                                     int64_t n, float* __restrict z, float* __restrict slope) {
+  const float beta = p.beta, gamma = p.gamma, zmg = p.zeta_minus_gamma;
+  for (int64_t i = 0; i < n; ++i) {
+    float s, ds;
+    if constexpr (kTrain) {
+      s = fast_sigmoid<kFma>((logistic_noise_f<kFma>(u[i]) + l[i]) / beta);
+      ds = s * (1.0f - s) / beta;
+    } else {
+      s = fast_sigmoid<kFma>(l[i]);
+      ds = s * (1.0f - s);
+    }
+    const float s_bar = s * zmg + gamma;
+    z[i] = select(s_bar > 1.0f, 1.0f, select(s_bar < 0.0f, 0.0f, s_bar));
+    if constexpr (kSlope) slope[i] = select((s_bar > 0.0f) & (s_bar < 1.0f), zmg * ds, 0.0f);
+  }
+}
+
+template <bool kFma, bool kSlope, bool kTrain>
+FASTMASK_INLINE void gumbel_f(const GateParamsF& p, const float* __restrict l, const float* __restrict u, int64_t n,
+                              float* __restrict z, float* __restrict slope) {
+  const float beta = p.beta;
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (kTrain) {
+      const float v = l[i] + logistic_noise_f<kFma>(u[i]);
+      z[i] = select(v > 0.0f, 1.0f, 0.0f);
+      if constexpr (kSlope) {
+        const float s = fast_sigmoid<kFma>(v / beta);
+        slope[i] = s * (1.0f - s) / beta;
+      }
+    } else {
+      z[i] = select(l[i] > 0.0f, 1.0f, 0.0f);
+      if constexpr (kSlope) {
+        const float s = fast_sigmoid<kFma>(l[i]);
+        slope[i] = s * (1.0f - s);
+      }
+    }
+  }
+}
+
+template <bool kFma, bool kSlope, bool kTrain>
+FASTMASK_INLINE void bernoulli_f(const GateParamsF& /*p*/, const float* __restrict l, const float* __restrict u,
+                                 int64_t n, float* __restrict z, float* __restrict slope) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float prob = fast_sigmoid<kFma>(l[i]);
+    if constexpr (kTrain) z[i] = select(u[i] < prob, 1.0f, 0.0f);
+    else z[i] = select(l[i] > 0.0f, 1.0f, 0.0f);
+    if constexpr (kSlope) slope[i] = prob * (1.0f - prob);
+  }
+}
+
+template <bool kSlope>
+FASTMASK_INLINE void threshold_f(const GateParamsF& p, const float* __restrict l, int64_t n, float* __restrict z,
+                                 float* __restrict slope) {
+  const float tau = p.tau;
+  for (int64_t i = 0; i < n; ++i) {
+    z[i] = select(l[i] > tau, 1.0f, 0.0f);
+    if constexpr (kSlope) slope[i] = 1.0f;
+  }
+}
+
+// Gates z (and dz/dl if kSlope) of the n logits l whose flat grid indices are j0, j0 + 1, ...
+template <int kIsa, bool kSlope>
+FASTMASK_INLINE void gates_f32_body(const GateParamsF& p, const float* l, uint64_t j0, int64_t n, float* z,
+                                    float* slope) {
+  constexpr bool kFma = kIsa != kIsaScalar;
+  constexpr int64_t kChunk = 256;  // noise of one chunk stays in L1
+  alignas(64) float u[kChunk];
+  const bool noisy = p.training && p.estimator != kThresholdST;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - i0);
+    float* zi = z + i0;
+    float* si = kSlope ? slope + i0 : nullptr;
+    if (noisy) philox_fill<kIsa>(p.seed, p.offset + j0 + static_cast<uint64_t>(i0), m, u);
+    switch (p.estimator) {
+      case kHardConcrete:
+        if (p.training) hard_concrete_f<kFma, kSlope, true>(p, l + i0, u, m, zi, si);
+        else hard_concrete_f<kFma, kSlope, false>(p, l + i0, u, m, zi, si);
+        break;
+      case kGumbelSigmoidST:
+        if (p.training) gumbel_f<kFma, kSlope, true>(p, l + i0, u, m, zi, si);
+        else gumbel_f<kFma, kSlope, false>(p, l + i0, u, m, zi, si);
+        break;
+      case kBernoulliST:
+        if (p.training) bernoulli_f<kFma, kSlope, true>(p, l + i0, u, m, zi, si);
+        else bernoulli_f<kFma, kSlope, false>(p, l + i0, u, m, zi, si);
+        break;
+      default: threshold_f<kSlope>(p, l + i0, m, zi, si); break;
+    }
+    if (p.inverse) {
+      for (int64_t i = 0; i < m; ++i) zi[i] = 1.0f - zi[i];
+      if constexpr (kSlope)
+        for (int64_t i = 0; i < m; ++i) si[i] = -si[i];
+    }
+  }
+}
+
+using GatesF32Fn = void (*)(const GateParamsF&, const float*, uint64_t, int64_t, float*, float*);
+
+void gates_f32_scalar(const GateParamsF& p, const float* l, uint64_t j0, int64_t n, float* z, float* slope) {
+  if (slope) gates_f32_body<kIsaScalar, true>(p, l, j0, n, z, slope);
+  else gates_f32_body<kIsaScalar, false>(p, l, j0, n, z, nullptr);
+}
+#if FASTMASK_X86_DISPATCH
+FASTMASK_TARGET_AVX2 void gates_f32_avx2(const GateParamsF& p, const float* l, uint64_t j0, int64_t n, float* z,
+                                         float* slope) {
+  if (slope) gates_f32_body<kIsaAvx2, true>(p, l, j0, n, z, slope);
+  else gates_f32_body<kIsaAvx2, false>(p, l, j0, n, z, nullptr);
+}
+FASTMASK_TARGET_AVX512 void gates_f32_avx512(const GateParamsF& p, const float* l, uint64_t j0, int64_t n, float* z,
+                                             float* slope) {
+  if (slope) gates_f32_body<kIsaAvx512, true>(p, l, j0, n, z, slope);
+  else gates_f32_body<kIsaAvx512, false>(p, l, j0, n, z, nullptr);
+}
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// Everything a kernel needs to regenerate gates: the float64 params of philox.h, their float32 twin and the
+// float32 gate routine of this call's instruction set.
+struct GateCtx {
+  GateParams p;
+  GateParamsF pf;
+  GatesF32Fn gates_f32;
+  Isa isa;
+};
+
+GateCtx make_gate_ctx(int64_t estimator, int64_t seed, int64_t offset, double beta, double gamma, double zeta,
+                      double tau, bool training, bool inverse) {
+  TORCH_CHECK(estimator >= 0 && estimator <= 3,
+              "fastmask: estimator must be an integer code in [0, 3] (0 hard_concrete, 1 gumbel_sigmoid_st, "
+              "2 threshold_st, 3 bernoulli_st), got ", estimator);
+  GateCtx c;
+  c.p = GateParams{estimator, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), beta, gamma, zeta, tau,
+                   training, inverse};
+  c.pf = GateParamsF{estimator,
+                     c.p.seed,
+                     c.p.offset,
+                     static_cast<float>(beta),
+                     static_cast<float>(gamma),
+                     static_cast<float>(zeta - gamma),
+                     static_cast<float>(tau),
+                     training,
+                     inverse};
+  c.isa = current_isa();
+  switch (c.isa) {
+#if FASTMASK_X86_DISPATCH
+    case kIsaAvx512: c.gates_f32 = gates_f32_avx512; break;
+    case kIsaAvx2: c.gates_f32 = gates_f32_avx2; break;
+#endif
+    default: c.gates_f32 = gates_f32_scalar; break;
+  }
+  return c;
+}
+
+// Gate (and slope) row in the compute dtype: float32 through the vectorised routine, float64 through philox.h.
+inline void gate_row(const GateCtx& c, const float* l, uint64_t j0, int64_t n, float* z, float* slope) {
+  c.gates_f32(c.pf, l, j0, n, z, slope);
+}
+inline void gate_row(const GateCtx& c, const double* l, uint64_t j0, int64_t n, double* z, double* slope) {
+  for (int64_t i = 0; i < n; ++i)
+    z[i] = gate_value<double>(c.p, l[i], j0 + static_cast<uint64_t>(i), slope ? slope + i : nullptr);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared helpers of the ops
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename Wt>
+using Upcast = std::conditional_t<std::is_same_v<Wt, double>, double, float>;  // float64 stays, the rest -> float32
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fastmask: ", name, " must be a CPU tensor for the CPU kernels, got ",
+              t.device());
+}
+
+// Logits as a contiguous tensor of the compute dtype (float64 stays float64, other float dtypes -> float32).
+at::Tensor logits_in_compute_dtype(const at::Tensor& logits) {
+  check_cpu(logits, "logits");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
+              "fastmask: logits must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
+              logits.scalar_type());
+  const auto dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return logits.to(dtype).contiguous();
+}
+
+// Element-wise tiles over the (gr, gc) grid: (block row g, a run of KC grid columns, a run of RB weight rows).
+struct TilePlan {
+  int64_t rows, cols, bh, bw, gr, gc;
+  int64_t kc, nkc;  // grid columns per tile, tiles per block row
+  int64_t rb, nrb;  // weight rows per tile, row tiles per block row
+  int64_t num_tiles() const { return gr * nrb * nkc; }
+};
+
+// split_rows: allow splitting a block row over several tiles (element-wise ops only; a reduction keeps whole block
+// rows so that its summation order does not depend on the tiling).
+TilePlan plan_tiles(int64_t rows, int64_t cols, int64_t bh, int64_t bw, int64_t gr, int64_t gc, bool split_rows) {
+  TilePlan t{rows, cols, bh, bw, gr, gc, 1, 1, bh, 1};
+  const int64_t want = 4 * static_cast<int64_t>(std::max(1, at::get_num_threads()));  // tiles for load balance
+  t.kc = std::max<int64_t>(1, std::min<int64_t>(gc, ceil_div(1024, bw)));  // about 1024 weight columns per tile
+  if (gr < want) t.kc = std::max<int64_t>(1, std::min(t.kc, ceil_div(gc, ceil_div(want, gr))));
+  t.nkc = gc > 0 ? ceil_div(gc, t.kc) : 0;
+  if (split_rows && gr * t.nkc < want && bh > 1) {
+    t.nrb = std::min(bh, ceil_div(want, std::max<int64_t>(1, gr * t.nkc)));
+    t.rb = ceil_div(bh, t.nrb);
+    t.nrb = ceil_div(bh, t.rb);
+  }
+  return t;
+}
+
+// Grain of at::parallel_for over tiles: about 32K weight elements per task.
+int64_t tile_grain(const TilePlan& t) {
+  const int64_t per_tile = std::max<int64_t>(1, std::min(t.rb, t.rows) * std::min(t.kc * t.bw, t.cols));
+  return std::max<int64_t>(1, 32768 / per_tile);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// _uniform_fill
+// ---------------------------------------------------------------------------------------------------------------
+
+void uniform_fill_cpu(at::Tensor out, int64_t seed, int64_t offset) {
+  check_cpu(out, "out");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "fastmask: _uniform_fill: out must be float32, got ",
+              out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), "fastmask: _uniform_fill: out must be contiguous (got strides ", out.strides(),
+              " for shape ", out.sizes(), ")");
+  float* data = out.data_ptr<float>();
+  const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+  const Isa isa = current_isa();
+  at::parallel_for(0, out.numel(), 1 << 15, [&](int64_t b, int64_t e) {
+    switch (isa) {
+      case kIsaAvx512: philox_fill<kIsaAvx512>(s, o + static_cast<uint64_t>(b), e - b, data + b); break;
+      case kIsaAvx2: philox_fill<kIsaAvx2>(s, o + static_cast<uint64_t>(b), e - b, data + b); break;
+      default: philox_fill<kIsaScalar>(s, o + static_cast<uint64_t>(b), e - b, data + b); break;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// _gate_fwd / _gate_bwd
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename G>
+void gate_fwd_kernel(const GateCtx& c, const G* l, G* z, int64_t n) {
+  at::parallel_for(0, n, 1 << 13, [&](int64_t b, int64_t e) {
+    gate_row(c, l + b, static_cast<uint64_t>(b), e - b, z + b, nullptr);
+  });
+}
+
+at::Tensor gate_fwd_cpu(const at::Tensor& logits, int64_t estimator, int64_t seed, int64_t offset, double beta,
+                        double gamma, double zeta, double tau, bool training, bool inverse) {
+  const GateCtx c = make_gate_ctx(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse);
+  const at::Tensor l = logits_in_compute_dtype(logits);
+  at::Tensor z = at::empty(l.sizes(), l.options());
+  if (l.scalar_type() == at::kDouble) gate_fwd_kernel<double>(c, l.data_ptr<double>(), z.data_ptr<double>(), l.numel());
+  else gate_fwd_kernel<float>(c, l.data_ptr<float>(), z.data_ptr<float>(), l.numel());
+  return z;
+}
+
+template <typename G>
+void gate_bwd_kernel(const GateCtx& c, const G* g, const G* l, G* out, int64_t n) {
+  at::parallel_for(0, n, 1 << 13, [&](int64_t b, int64_t e) {
+    constexpr int64_t kChunk = 1024;
+    G z[kChunk], slope[kChunk];
+    for (int64_t i0 = b; i0 < e; i0 += kChunk) {
+      const int64_t m = std::min(kChunk, e - i0);
+      gate_row(c, l + i0, static_cast<uint64_t>(i0), m, z, slope);
+      for (int64_t i = 0; i < m; ++i) out[i0 + i] = g[i0 + i] * slope[i];
+    }
+  });
+}
+
+at::Tensor gate_bwd_cpu(const at::Tensor& grad_gates, const at::Tensor& logits, int64_t estimator, int64_t seed,
+                        int64_t offset, double beta, double gamma, double zeta, double tau, bool training,
+                        bool inverse) {
+  const GateCtx c = make_gate_ctx(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse);
+  const at::Tensor l = logits_in_compute_dtype(logits);
+  check_cpu(grad_gates, "grad_gates");
+  TORCH_CHECK(at::isFloatingType(grad_gates.scalar_type()), "fastmask: grad_gates must be a floating-point tensor, got ",
+              grad_gates.scalar_type());
+  TORCH_CHECK(grad_gates.sizes() == logits.sizes(), "fastmask: grad_gates must have the shape of logits ",
+              logits.sizes(), ", got ", grad_gates.sizes());
+  const at::Tensor g = grad_gates.to(l.scalar_type()).contiguous();
+  at::Tensor out = at::empty(l.sizes(), l.options());
+  if (l.scalar_type() == at::kDouble)
+    gate_bwd_kernel<double>(c, g.data_ptr<double>(), l.data_ptr<double>(), out.data_ptr<double>(), l.numel());
+  else gate_bwd_kernel<float>(c, g.data_ptr<float>(), l.data_ptr<float>(), out.data_ptr<float>(), l.numel());
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// _masked_weight: out[r, c] = W[r, c] * z[r / bh, c / bw], product in float32 (float64) rounded once
+// ---------------------------------------------------------------------------------------------------------------
+
+// Weight (R, C) and logits checks shared by _masked_weight and _mask_grad; returns the grid shape.
+std::pair<int64_t, int64_t> check_weight_and_grid(const at::Tensor& weight, const at::Tensor& logits, int64_t bh,
+                                                  int64_t bw) {
+  check_cpu(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2, "fastmask: weight must be 2-D (rows, cols), got shape ", weight.sizes());
+  const auto wt = weight.scalar_type();
+  TORCH_CHECK(wt == at::kFloat || wt == at::kDouble || wt == at::kHalf || wt == at::kBFloat16,
+              "fastmask: weight must be float32, float64, float16 or bfloat16, got ", wt);
+  TORCH_CHECK(bh >= 1 && bw >= 1, "fastmask: block (bh, bw) must be positive, got (", bh, ", ", bw, ")");
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  const int64_t gr = ceil_div(rows, bh), gc = ceil_div(cols, bw);
+  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == gr && logits.size(1) == gc,
+              "fastmask: logits must be a 2-D grid of shape [", gr, ", ", gc, "] for weight ", weight.sizes(),
+              " with block (", bh, ", ", bw, "), got ", logits.sizes());
+  return {gr, gc};
+}
+
+// Rows of float16 / bfloat16 weights go through float32 buffers: load (convert), multiply, store (round once).
+// float16 uses the F16C conversion instructions on the AVX2 / AVX-512 paths (c10::Half's portable conversion is
+// branchy scalar code, about 20x slower).
+#if FASTMASK_X86_DISPATCH
+FASTMASK_TARGET_AVX2 void half_to_float_f16c(const c10::Half* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+FASTMASK_TARGET_AVX2 void float_to_half_f16c(const float* in, c10::Half* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) out[i] = c10::Half(in[i]);
+}
+#endif
+
+template <typename Wt>
+void load_row(Isa isa, const Wt* in, float* out, int64_t n) {
+#if FASTMASK_X86_DISPATCH
+  if constexpr (std::is_same_v<Wt, c10::Half>) {
+    if (isa >= kIsaAvx2) return half_to_float_f16c(in, out, n);
+  }
+#endif
+  (void)isa;
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+template <typename Wt>
+void store_row(Isa isa, const float* in, Wt* out, int64_t n) {
+#if FASTMASK_X86_DISPATCH
+  if constexpr (std::is_same_v<Wt, c10::Half>) {
+    if (isa >= kIsaAvx2) return float_to_half_f16c(in, out, n);
+  }
+#endif
+  (void)isa;
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<Wt>(in[i]);
+}
+
+// ze[i] = gate of weight column c0 + i, for the kn gates of a tile (cn columns).
+template <typename A, typename G>
+FASTMASK_INLINE void expand_gate_row(const G* zrow, int64_t kn, int64_t bw, int64_t cn, A* ze) {
+  if (bw == 1) {
+    for (int64_t k = 0; k < kn; ++k) ze[k] = static_cast<A>(zrow[k]);
+    return;
+  }
+  for (int64_t k = 0; k < kn; ++k) {
+    const A v = static_cast<A>(zrow[k]);
+    const int64_t b1 = std::min((k + 1) * bw, cn);
+    for (int64_t i = k * bw; i < b1; ++i) ze[i] = v;
+  }
+}
+
+template <typename Wt, typename G>
+void masked_weight_kernel(const GateCtx& c, const Wt* W, const G* L, Wt* out, const TilePlan& t) {
+  using A = Upcast<Wt>;
+  constexpr bool kDirect = std::is_same_v<Wt, A>;  // float32 / float64 weights: no conversion buffer
+  const int64_t C = t.cols, bw = t.bw;
+  const int64_t max_cols = std::min(t.kc * bw, C);
+  at::parallel_for(0, t.num_tiles(), tile_grain(t), [&](int64_t t0, int64_t t1) {
+    std::vector<G> zrow(static_cast<size_t>(t.kc));
+    std::vector<A> zexp(static_cast<size_t>(max_cols));  // gates expanded to the tile's weight columns
+    std::vector<float> wrow(static_cast<size_t>(kDirect ? 0 : max_cols));
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t g = tile / (t.nrb * t.nkc), rbi = (tile / t.nkc) % t.nrb, kci = tile % t.nkc;
+      const int64_t k0 = kci * t.kc, kn = std::min(t.kc, t.gc - k0);
+      const int64_t r0 = g * t.bh + rbi * t.rb, r1 = std::min({r0 + t.rb, (g + 1) * t.bh, t.rows});
+      if (r0 >= r1) continue;
+      const int64_t c0 = k0 * bw, c1 = std::min((k0 + kn) * bw, C), cn = c1 - c0;
+      const uint64_t j0 = static_cast<uint64_t>(g * t.gc + k0);
+      gate_row(c, L + j0, j0, kn, zrow.data(), nullptr);  // each gate once per tile
+      expand_gate_row<A, G>(zrow.data(), kn, bw, cn, zexp.data());
+      const A* __restrict ze = zexp.data();
+      for (int64_t r = r0; r < r1; ++r) {
+        const Wt* __restrict w = W + r * C + c0;
+        Wt* __restrict o = out + r * C + c0;
+        if constexpr (kDirect) {
+          for (int64_t i = 0; i < cn; ++i) o[i] = w[i] * ze[i];
+        } else {
+          float* __restrict buf = wrow.data();
+          load_row<Wt>(c.isa, w, buf, cn);
+          for (int64_t i = 0; i < cn; ++i) buf[i] = buf[i] * ze[i];
+          store_row<Wt>(c.isa, buf, o, cn);
+        }
+      }
+    }
+  });
+}
+
+template <typename G>
+void masked_weight_dispatch(const GateCtx& c, const at::Tensor& w, const at::Tensor& l, at::Tensor& out,
+                            const TilePlan& t) {
+  const G* L = l.data_ptr<G>();
+  switch (w.scalar_type()) {
+    case at::kFloat: masked_weight_kernel<float, G>(c, w.data_ptr<float>(), L, out.data_ptr<float>(), t); break;
+    case at::kDouble: masked_weight_kernel<double, G>(c, w.data_ptr<double>(), L, out.data_ptr<double>(), t); break;
+    case at::kHalf:
+      masked_weight_kernel<c10::Half, G>(c, w.data_ptr<c10::Half>(), L, out.data_ptr<c10::Half>(), t);
+      break;
+    default:
+      masked_weight_kernel<c10::BFloat16, G>(c, w.data_ptr<c10::BFloat16>(), L, out.data_ptr<c10::BFloat16>(), t);
+      break;
+  }
+}
+
+at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& logits, int64_t bh, int64_t bw,
+                             int64_t estimator, int64_t seed, int64_t offset, double beta, double gamma, double zeta,
+                             double tau, bool training, bool inverse) {
+  const GateCtx c = make_gate_ctx(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse);
+  const auto [gr, gc] = check_weight_and_grid(weight, logits, bh, bw);
+  const at::Tensor l = logits_in_compute_dtype(logits);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+  if (w.numel() == 0) return out;
+  const TilePlan t = plan_tiles(w.size(0), w.size(1), bh, bw, gr, gc, /*split_rows=*/true);
+  if (l.scalar_type() == at::kDouble) masked_weight_dispatch<double>(c, w, l, out, t);
+  else masked_weight_dispatch<float>(c, w, l, out, t);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// _mask_grad: grad_logits[g] = slope[g] * sum over block g of grad_wm * W; grad_weight = grad_wm * m
+// ---------------------------------------------------------------------------------------------------------------
+
+// Sum of G(gw[i] * w[i]) over one block row segment, in a fixed order that depends only on n.
+template <typename G, typename A>
+FASTMASK_INLINE G block_dot(const A* __restrict gw, const A* __restrict w, int64_t n) {
+  if (n < 32) {
+    G s = G(0);
+    for (int64_t i = 0; i < n; ++i) s += static_cast<G>(gw[i] * w[i]);
+    return s;
+  }
+  G lane[16] = {};  // 16 independent partial sums (vectorisable), folded pairwise at the end
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) lane[k] += static_cast<G>(gw[i + k] * w[i + k]);
+  for (int k = 0; i < n; ++i, ++k) lane[k] += static_cast<G>(gw[i] * w[i]);
+  for (int half = 8; half >= 1; half /= 2)
+    for (int k = 0; k < half; ++k) lane[k] += lane[k + half];
+  return lane[0];
+}
+
+template <typename Wt, typename G>
+void mask_grad_kernel(const GateCtx& c, const Upcast<Wt>* GW, const Wt* W, const G* L, G* GL, Wt* GWt,
+                      const TilePlan& t) {
+  using A = Upcast<Wt>;
+  constexpr bool kDirect = std::is_same_v<Wt, A>;
+  const int64_t C = t.cols, bw = t.bw;
+  const int64_t max_cols = std::min(t.kc * bw, C);
+  at::parallel_for(0, t.num_tiles(), tile_grain(t), [&](int64_t t0, int64_t t1) {
+    std::vector<G> zrow(static_cast<size_t>(t.kc)), srow(static_cast<size_t>(t.kc)), acc(static_cast<size_t>(t.kc));
+    std::vector<A> zexp(static_cast<size_t>(GWt != nullptr ? max_cols : 0));
+    std::vector<float> wrow(static_cast<size_t>(kDirect ? 0 : max_cols)), prod(wrow.size());
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t g = tile / t.nkc, kci = tile % t.nkc;  // t.nrb == 1: whole block rows per tile
+      const int64_t k0 = kci * t.kc, kn = std::min(t.kc, t.gc - k0);
+      const int64_t r0 = g * t.bh, r1 = std::min(r0 + t.bh, t.rows);
+      const int64_t c0 = k0 * bw, c1 = std::min((k0 + kn) * bw, C), cn = c1 - c0;
+      const uint64_t j0 = static_cast<uint64_t>(g * t.gc + k0);
+      gate_row(c, L + j0, j0, kn, zrow.data(), srow.data());  // gates and slopes regenerated, once per tile
+      if (GWt != nullptr) expand_gate_row<A, G>(zrow.data(), kn, bw, cn, zexp.data());
+      G* __restrict a = acc.data();
+      for (int64_t k = 0; k < kn; ++k) a[k] = G(0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const A* __restrict gw = GW + r * C + c0;
+        const A* __restrict w;
+        if constexpr (kDirect) {
+          w = W + r * C + c0;
+        } else {
+          load_row<Wt>(c.isa, W + r * C + c0, wrow.data(), cn);
+          w = wrow.data();
+        }
+        // Block sums: rows in order; within a row, block_dot's fixed order (independent of the tiling).
+        if (bw == 1) {
+          for (int64_t k = 0; k < kn; ++k) a[k] += static_cast<G>(gw[k] * w[k]);
+        } else {
+          for (int64_t k = 0; k < kn; ++k) {
+            const int64_t b0 = k * bw, b1 = std::min(b0 + bw, cn);
+            a[k] += block_dot<G, A>(gw + b0, w + b0, b1 - b0);
+          }
+        }
+        if (GWt != nullptr) {
+          Wt* __restrict o = GWt + r * C + c0;
+          const A* __restrict ze = zexp.data();
+          if constexpr (kDirect) {
+            for (int64_t i = 0; i < cn; ++i) o[i] = gw[i] * ze[i];
+          } else {
+            float* __restrict p = prod.data();
+            for (int64_t i = 0; i < cn; ++i) p[i] = gw[i] * ze[i];
+            store_row<Wt>(c.isa, p, o, cn);
+          }
+        }
+      }
+      G* __restrict gl = GL + j0;
+      const G* __restrict s = srow.data();
+      for (int64_t k = 0; k < kn; ++k) gl[k] = a[k] * s[k];
+    }
+  });
+}
+
+template <typename G>
+void mask_grad_dispatch(const GateCtx& c, const at::Tensor& gw, const at::Tensor& w, const at::Tensor& l,
+                        at::Tensor& gl, at::Tensor* gwt, const TilePlan& t) {
+  const G* L = l.data_ptr<G>();
+  G* GL = gl.data_ptr<G>();
+  switch (w.scalar_type()) {
+    case at::kFloat:
+      mask_grad_kernel<float, G>(c, gw.data_ptr<float>(), w.data_ptr<float>(), L, GL,
+                                 gwt ? gwt->data_ptr<float>() : nullptr, t);
+      break;
+    case at::kDouble:
+      mask_grad_kernel<double, G>(c, gw.data_ptr<double>(), w.data_ptr<double>(), L, GL,
+                                  gwt ? gwt->data_ptr<double>() : nullptr, t);
+      break;
+    case at::kHalf:
+      mask_grad_kernel<c10::Half, G>(c, gw.data_ptr<float>(), w.data_ptr<c10::Half>(), L, GL,
+                                     gwt ? gwt->data_ptr<c10::Half>() : nullptr, t);
+      break;
+    default:
+      mask_grad_kernel<c10::BFloat16, G>(c, gw.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), L, GL,
+                                         gwt ? gwt->data_ptr<c10::BFloat16>() : nullptr, t);
+      break;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_grad_cpu(const at::Tensor& grad_wm, const at::Tensor& weight,
+                                                 const at::Tensor& logits, int64_t bh, int64_t bw, int64_t estimator,
+                                                 int64_t seed, int64_t offset, double beta, double gamma, double zeta,
+                                                 double tau, bool training, bool inverse, bool needs_weight_grad) {
+  const GateCtx c = make_gate_ctx(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse);
+  const auto [gr, gc] = check_weight_and_grid(weight, logits, bh, bw);
+  check_cpu(grad_wm, "grad_wm");
+  TORCH_CHECK(grad_wm.sizes() == weight.sizes(), "fastmask: grad_wm must have the shape of weight ", weight.sizes(),
+              ", got ", grad_wm.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_wm.scalar_type()), "fastmask: grad_wm must be a floating-point tensor, got ",
+              grad_wm.scalar_type());
+  const at::Tensor l = logits_in_compute_dtype(logits);
+  const at::Tensor w = weight.contiguous();
+  // grad_wm is read in float32, or float64 for float64 weights (a no-op for what the op layer passes).
+  const at::Tensor gw = grad_wm.to(w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  at::Tensor gl = at::empty(l.sizes(), l.options());
+  at::Tensor gwt = needs_weight_grad ? at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous))
+                                     : at::empty({0}, weight.options());
+  if (w.numel() == 0) {
+    gl.zero_();
+    return {gl, gwt};
+  }
+  const TilePlan t = plan_tiles(w.size(0), w.size(1), bh, bw, gr, gc, /*split_rows=*/false);
+  at::Tensor* gwt_ptr = needs_weight_grad ? &gwt : nullptr;
+  if (l.scalar_type() == at::kDouble) mask_grad_dispatch<double>(c, gw, w, l, gl, gwt_ptr, t);
+  else mask_grad_dispatch<float>(c, gw, w, l, gl, gwt_ptr, t);
+  return {gl, gwt};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastmask
+
+TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
+  m.impl("_uniform_fill", &fastmask::cpu::uniform_fill_cpu);
+  m.impl("_gate_fwd", &fastmask::cpu::gate_fwd_cpu);
+  m.impl("_gate_bwd", &fastmask::cpu::gate_bwd_cpu);
+  m.impl("_masked_weight", &fastmask::cpu::masked_weight_cpu);
+  m.impl("_mask_grad", &fastmask::cpu::mask_grad_cpu);
+}
