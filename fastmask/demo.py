@@ -87,7 +87,6 @@ def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float =
     from tqdm.auto import tqdm
 
     import fastmask as fm
-    from fastmask.nn import replace_linear_layers
 
     torch.manual_seed(seed)
     source = resolve_model(model_name)
@@ -98,20 +97,20 @@ def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float =
     with torch.no_grad():
         teacher_train, teacher_held_out = _embed(model, train), _embed(model, held_out)
 
-    masked = replace_linear_layers(model, include=r"encoder\.layer\.", estimator="hard_concrete",
-                                   granularity="weight", init_logit=3.0, seed=seed)
+    # Default BERT targets: q/k/v, attention output, intermediate and output dense of every encoder layer.
+    fm.apply(model, fm.MaskConfig(estimator="hard_concrete", granularity="weight", init_logit=3.0, seed=seed))
+    masked = fm.masked_modules(model)
     for module in masked.values():
         module.train()
-    logits = [m.logits for m in masked.values()]
-    total_gates = sum(l.numel() for l in logits)
-    optimizer = torch.optim.Adam(logits, lr=lr)
+    total_gates = sum(m.logits.numel() for m in masked.values())
+    optimizer = torch.optim.Adam(fm.mask_parameters(model), lr=lr)
     history = []
     started = time.perf_counter()
     bar = tqdm(range(steps), desc="learning mask", disable=not progress)
     for step in bar:
         student = _embed(model, train)
         fidelity = 1 - (student * teacher_train).sum(-1).mean()
-        expected_density = sum(fm.ops.l0_norm(l) for l in logits) / total_gates
+        expected_density = fm.l0_penalty(model, normalize=True)
         loss = fidelity + l0_weight * expected_density
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -125,9 +124,8 @@ def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float =
         module.eval()
     with torch.no_grad():
         cos_learned = (_embed(model, held_out) * teacher_held_out).sum(-1).mean().item()
-        gates = {name: module.gates() for name, module in masked.items()}
-        zeros = sum(int((g == 0).sum()) for g in gates.values())
-        sparsity = zeros / total_gates
+        stats = fm.sparsity(model)
+        sparsity = stats["overall"]
         # Baseline: a random subnetwork of the same size (threshold_st on random logits, same fraction removed).
         saved = {name: module.logits.detach().clone() for name, module in masked.items()}
         generator = torch.Generator().manual_seed(seed + 1)
@@ -138,7 +136,7 @@ def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float =
         for name, module in masked.items():
             module.logits.copy_(saved[name])
 
-    per_layer = {name: float((g == 0).float().mean()) for name, g in gates.items()}
+    per_layer = stats["per_layer"]
     report = {
         "model": source, "backend": fm.ops._backend.resolve_name(torch.device("cpu")), "steps": steps,
         "masked_layers": len(masked), "gates": total_gates, "sparsity": sparsity,
