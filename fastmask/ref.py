@@ -306,9 +306,12 @@ def masked_linear_naive(x, weight, logits, bias=None, estimator="hard_concrete",
     return F.linear(x, _as_out_in(wm, weight_layout), bias)
 
 
-def hard_concrete_naive(logits, beta=2 / 3, gamma=-0.1, zeta=1.1, generator=None) -> torch.Tensor:
+def hard_concrete_naive(logits, beta=2 / 3, gamma=-0.1, zeta=1.1, generator=None, noise=None) -> torch.Tensor:
     """Hard-concrete sampling as users write it by hand (torch's own RNG, one kernel per op, autograd through
-    every intermediate): the baseline the fused ops are benchmarked against. Not bit-compatible with ``uniform``."""
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
+    every intermediate): the baseline the fused ops are benchmarked against. Not bit-compatible with ``uniform``,
+    unless ``noise`` (uniform in [0, 1), shaped like ``logits``, e.g. ``fastmask.ops.uniform``) replaces torch.rand:
+    then the gates are those of ``gate_ref`` up to float rounding (the benchmarks' loss-trajectory check)."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device) if noise is None else noise
+    u = u.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / beta)
     return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
