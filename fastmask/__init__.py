@@ -13,9 +13,10 @@ from ._info import info  # noqa: E402
 from .config import MaskConfig  # noqa: E402
 from .hf import apply, bypass, inverse, l0_penalty, mask_parameters, masked_modules, sparsity  # noqa: E402
 from .io import export_pruned, load_masks, merge, save_masks, unapply  # noqa: E402
-from .nn import MaskedLinear, set_step  # noqa: E402
+from .nn import MaskedLinear, mask_index, set_mask_index, set_step  # noqa: E402
 from .ops import get_backend, set_backend, use_backend  # noqa: E402
 
 __all__ = ["ops", "ref", "info", "set_backend", "get_backend", "use_backend", "__version__", "MaskConfig", "apply",
            "mask_parameters", "masked_modules", "l0_penalty", "sparsity", "inverse", "bypass", "set_step",
-           "save_masks", "load_masks", "merge", "unapply", "export_pruned", "MaskedLinear"]
+           "save_masks", "load_masks", "merge", "unapply", "export_pruned", "MaskedLinear", "mask_index",
+           "set_mask_index"]

@@ -49,7 +49,8 @@ class MaskConfig:
     init_keep     initial keep probability of every gate (training-time P(z != 0)); ``init_logit`` overrides it.
     beta          temperature (None: 2/3 for hard_concrete, 1 otherwise); gamma, zeta: the hard-concrete
                   stretch; tau: the threshold_st threshold.
-    n_masks       number of masks per layer; only 1 is implemented.
+    n_masks       K independent masks per layer, learned in one forward pass (one per factor, or K samples):
+                  logits (K, GR, GC); ``fastmask.mask_index(model, idx)`` says which mask each batch row uses.
     seed          base seed of the noise; layer ``name`` draws from seed ``fastmask.hf.layer_seed(seed, name)``.
     """
 
@@ -116,10 +117,6 @@ class MaskConfig:
         self.gamma, self.zeta, self.tau = float(self.gamma), float(self.zeta), float(self.tau)
         if not _is_int(self.n_masks) or self.n_masks < 1:
             raise _fail("n_masks", "a positive int", self.n_masks)
-        if self.n_masks != 1:
-            raise NotImplementedError(
-                f"MaskConfig.n_masks={self.n_masks}: K grouped masks per layer are not implemented yet; "
-                f"use n_masks=1 (one mask per layer)")
         if not _is_int(self.seed) or not 0 <= self.seed <= _INT64_MAX:
             raise _fail("seed", "an int in [0, 2**63 - 1]", self.seed)
         return self
@@ -158,7 +155,7 @@ class MaskConfig:
         the per-layer seed are added by fastmask.hf.apply)."""
         return dict(estimator=self.estimator, granularity=self.granularity, block=self.block,
                     init_keep=self.init_keep, init_logit=self.init_logit, beta=self.beta, gamma=self.gamma,
-                    zeta=self.zeta, tau=self.tau)
+                    zeta=self.zeta, tau=self.tau, n_masks=self.n_masks)
 
 
 __all__ = ["MaskConfig", "GRANULARITIES"]

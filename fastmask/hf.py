@@ -7,6 +7,17 @@
     with fm.inverse(model): ...                            # the model with the subnetwork removed
     with fm.bypass(model): ...                             # the original model, same weights
 
+K masks in one forward pass (one per factor in disentanglement, or K samples of one mask):
+
+    model = fm.apply(model, fm.MaskConfig(n_masks=3))     # every masked layer: logits (3, GR, GC)
+    with fm.mask_index(model, idx):                        # idx: LongTensor (batch,), row b uses mask idx[b]
+        loss = task_loss(model(**batch))                   # one grouped product per layer, not 3 passes
+    fm.l0_penalty(model, mask=k); fm.sparsity(model)["per_mask"][k]; fm.merge(model, mask=k)
+
+``fm.mask_index(model, "grouped")`` says the batch is K equal contiguous groups (no gather), ``fm.mask_index(model,
+k)`` runs every row through mask k. Mask k sees exactly the noise a one-mask model would see at the same step with
+its offset shifted by k x (gates per mask), so K-mask training equals K separate single-mask runs.
+
 ``apply`` swaps the targeted nn.Linear / Conv1D layers for fastmask.nn.MaskedLinear in place (the weight tensors
 are shared, not copied) and freezes every other parameter. Default targets come from ``model.config.model_type``
 (``ARCHITECTURES`` below): the attention projections and MLP layers of every transformer block; embeddings, norms,
@@ -27,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import re
 from typing import Iterator, Optional, Union
 
@@ -34,7 +46,7 @@ import torch
 from torch import nn
 
 from .config import MaskConfig
-from .nn.masked_linear import MaskedLinear, _is_conv1d, masked_layers, set_step
+from .nn.masked_linear import MaskedLinear, _is_conv1d, mask_index, masked_layers, set_mask_index, set_step
 from .ops import l0_norm
 
 # Per architecture family: (regex over the qualified module name, role). Roles: attn_q / attn_k / attn_v (output
@@ -212,26 +224,32 @@ def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 # --- penalties and statistics -------------------------------------------------------------------------------
-def _layer_l0(layer: MaskedLinear, weighted: bool) -> torch.Tensor:
+def _layer_l0(layer: MaskedLinear, weighted: bool, mask: Optional[int]) -> torch.Tensor:
     kwargs = dict(beta=layer.beta, gamma=layer.gamma, zeta=layer.zeta, estimator=layer.estimator, tau=layer.tau)
-    logits = layer.logits
+    logits = layer._of_mask(layer.logits, layer.check_mask(mask, "fastmask.l0_penalty"))
     if not weighted:
         return l0_norm(logits, **kwargs)
     rows, cols = layer.weight.shape
-    (gr, gc), (bh, bw) = logits.shape, layer.block
+    (gr, gc), (bh, bw) = layer.grid_shape, layer.block
     if rows % bh == 0 and cols % bw == 0:  # every gate covers bh * bw weights
         return l0_norm(logits, **kwargs) * float(bh * bw)
     # Partial edge blocks: at most four regions of equal block size (interior, last row, last column, corner).
     total = logits.new_zeros(())
     for row_slice, h in ((slice(0, gr - 1), bh), (slice(gr - 1, gr), rows - bh * (gr - 1))):
         for col_slice, w in ((slice(0, gc - 1), bw), (slice(gc - 1, gc), cols - bw * (gc - 1))):
-            part = logits[row_slice, col_slice]
+            part = logits[..., row_slice, col_slice]
             if part.numel():
                 total = total + l0_norm(part, **kwargs) * float(h * w)
     return total
 
 
-def l0_penalty(model: nn.Module, *, weighted: bool = True, normalize: bool = False) -> torch.Tensor:
+def _masks_counted(layer: MaskedLinear, mask: Optional[int]) -> int:
+    """How many masks of ``layer`` a statistic over ``mask`` (None: all) covers."""
+    return layer.n_masks if mask is None else 1
+
+
+def l0_penalty(model: nn.Module, *, weighted: bool = True, normalize: bool = False, mask: Optional[int] = None
+               ) -> torch.Tensor:
     """Differentiable expected size of the subnetwork: the sum of ``fm.ops.l0_norm`` over the masked layers.
 
     weighted=True (default): each gate's expected non-zero probability counts the number of weights it covers,
@@ -239,11 +257,15 @@ def l0_penalty(model: nn.Module, *, weighted: bool = True, normalize: bool = Fal
     block counts 49152). weighted=False: the expected number of open GATES. normalize=True divides by the total
     (weights or gates), giving an expected density in [0, 1] whose weight in the loss does not depend on the
     model size. A 0-dim float32 tensor.
+
+    K masks (n_masks=K): the sum over all K masks (normalize=True: their mean density), or mask k alone with
+    ``mask=k``.
     """
     layers = _require_masked(model, "l0_penalty").values()
-    total = sum(_layer_l0(layer, weighted) for layer in layers)
+    total = sum(_layer_l0(layer, weighted, mask) for layer in layers)
     if normalize:
-        count = sum(layer.weight.numel() if weighted else layer.logits.numel() for layer in layers)
+        count = sum((layer.weight.numel() if weighted else math.prod(layer.grid_shape))
+                    * _masks_counted(layer, mask) for layer in layers)
         total = total / float(count)
     return total
 
@@ -254,28 +276,36 @@ def _type_key(name: str) -> str:
 
 
 @torch.no_grad()
-def sparsity(model: nn.Module) -> dict:
+def sparsity(model: nn.Module, *, mask: Optional[int] = None) -> dict:
     """Fractions of masked weights whose EVAL-mode gate is exactly 0 (whatever the current mode):
 
     {"overall": float, "zero_weights": int, "total_weights": int, "zero_gates": int, "total_gates": int,
      "per_layer": {name: float}, "per_type": {"encoder.layer.*.attention.self.query": float, ...}}
+
+    K masks (n_masks=K): ``mask=k`` gives mask k's statistics; without it the counts run over all K masks
+    (total_weights = K x the masked weights) and "per_mask" holds the K per-mask dicts.
     """
     per_layer, per_type_counts = {}, {}
     zero_w = total_w = zero_g = total_g = 0
-    for name, layer in _require_masked(model, "sparsity").items():
-        closed = (layer.gates() == 0).cpu()
+    layers = _require_masked(model, "sparsity")
+    for name, layer in layers.items():
+        closed = (layer.gates(mask=mask) == 0).cpu()  # (GR, GC), or (K, GR, GC) for every mask
         counts = layer.gate_weight_counts()
-        zeros = int(counts[closed].sum())
-        numel = layer.weight.numel()
+        zeros = int((counts * closed).sum())
+        numel = layer.weight.numel() * _masks_counted(layer, mask)
         per_layer[name] = zeros / numel
         key = _type_key(name)
         z, t = per_type_counts.get(key, (0, 0))
         per_type_counts[key] = (z + zeros, t + numel)
         zero_w, total_w = zero_w + zeros, total_w + numel
         zero_g, total_g = zero_g + int(closed.sum()), total_g + closed.numel()
-    return {"overall": zero_w / total_w, "zero_weights": zero_w, "total_weights": total_w, "zero_gates": zero_g,
-            "total_gates": total_g, "per_layer": per_layer,
-            "per_type": {key: z / t for key, (z, t) in per_type_counts.items()}}
+    stats = {"overall": zero_w / total_w, "zero_weights": zero_w, "total_weights": total_w, "zero_gates": zero_g,
+             "total_gates": total_g, "per_layer": per_layer,
+             "per_type": {key: z / t for key, (z, t) in per_type_counts.items()}}
+    n_masks = max(layer.n_masks for layer in layers.values())
+    if mask is None and n_masks > 1:
+        stats["per_mask"] = [sparsity(model, mask=k) for k in range(n_masks)]
+    return stats
 
 
 # --- modes --------------------------------------------------------------------------------------------------
@@ -306,4 +336,4 @@ def bypass(model: nn.Module):
 
 __all__ = ["ARCHITECTURES", "MODEL_TYPES", "apply", "default_targets", "find_targets", "layer_role", "layer_seed",
            "head_dim", "model_family", "masked_modules", "mask_parameters", "l0_penalty", "sparsity", "inverse",
-           "bypass", "set_step"]
+           "bypass", "set_step", "mask_index", "set_mask_index"]

@@ -23,14 +23,14 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from .config import MaskConfig
-from .hf import apply, layer_role, model_family
-from .nn.masked_linear import _is_conv1d, masked_layers
+from .hf import apply, head_dim, layer_role, model_family
+from .nn.masked_linear import MaskedLinear, _is_conv1d, masked_layers
 
 FORMAT = "fastmask.masks"
 FORMAT_VERSION = 1
@@ -176,8 +176,9 @@ def save_masks(model: nn.Module, path: PathLike) -> Path:
     return masks_path
 
 
-_STRUCTURE_FIELDS = ("weight_shape", "weight_layout", "estimator", "granularity", "block", "logits_shape",
+_STRUCTURE_FIELDS = ("weight_shape", "weight_layout", "n_masks", "estimator", "granularity", "block", "logits_shape",
                      "head_dim", "head_side", "beta", "gamma", "zeta", "tau")
+_STRUCTURE_DEFAULTS = {"n_masks": 1}  # fields that metadata written before they existed leaves out
 
 
 def read_mask_metadata(path: PathLike) -> dict:
@@ -240,9 +241,10 @@ def load_masks(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.M
     for name, layer in layers.items():
         here, saved = layer.describe(), saved_layers[name]
         for key in _STRUCTURE_FIELDS:
-            if here[key] != saved[key]:
+            saved_value = saved.get(key, _STRUCTURE_DEFAULTS.get(key))
+            if here[key] != saved_value:
                 raise ValueError(f"fastmask.load_masks: layer {name}: {key} is {here[key]!r} here but "
-                                 f"{saved[key]!r} in the saved masks")
+                                 f"{saved_value!r} in the saved masks")
     tensors = load_file(str(masks_path), device="cpu")
     if set(tensors) != set(saved_layers):
         raise ValueError(f"fastmask.load_masks: {masks_path} holds other tensors than its metadata lists")
@@ -269,10 +271,13 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 
 # --- merge --------------------------------------------------------------------------------------------------
-def _swap_back(model: nn.Module, bake: bool, inverse: bool = False) -> nn.Module:
+def _swap_back(model: nn.Module, bake: bool, inverse: bool = False, mask: Optional[int] = None) -> nn.Module:
     layers = masked_layers(model)
     if not layers:
         raise ValueError("fastmask.merge: the model has no MaskedLinear layers (call fastmask.apply first)")
+    if bake:  # every layer checked before any is swapped: a bad mask number leaves the model untouched
+        for layer in layers.values():
+            layer.check_mask(mask, "fastmask.merge", required=True)
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
@@ -282,7 +287,7 @@ def _swap_back(model: nn.Module, bake: bool, inverse: bool = False) -> nn.Module
         weight = layer.weight
         if bake:
             shared = [n for n in owners.get(id(weight), []) if n != f"{name}.weight"]
-            weight = nn.Parameter(layer.merged_weight(inverse), requires_grad=False)
+            weight = nn.Parameter(layer.merged_weight(inverse, mask), requires_grad=False)
             if shared:
                 # A tied weight (e.g. the LM head and the input embeddings): the mask applies to this layer only.
                 warnings.warn(f"fastmask.merge: {name}.weight is shared with {shared}; the merged layer gets its "
@@ -302,15 +307,17 @@ def _swap_back(model: nn.Module, bake: bool, inverse: bool = False) -> nn.Module
     return model
 
 
-def merge(model: nn.Module, *, inverse: bool = False, copy: bool = False) -> nn.Module:
+def merge(model: nn.Module, *, inverse: bool = False, copy: bool = False, mask: Optional[int] = None
+          ) -> nn.Module:
     """Bake the eval-mode masks into the weights (``W * m`` in the weight dtype; ``W * (1 - m)`` with
     ``inverse=True``) and swap every MaskedLinear back to its original nn.Linear / Conv1D module, holding a new
     weight tensor. Returns a plain transformers model (save_pretrained / from_pretrained round-trip) whose
     parameters have their pre-``apply`` requires_grad. In place, unless ``copy=True`` (the masked model is then
-    left as it is)."""
+    left as it is). A K-mask model (n_masks=K) needs ``mask=k``: the subnetwork of mask k (merge one copy per
+    mask with ``copy=True``)."""
     if copy:
         model = copy_module.deepcopy(model)
-    return _swap_back(model, bake=True, inverse=inverse)
+    return _swap_back(model, bake=True, inverse=inverse, mask=mask)
 
 
 def unapply(model: nn.Module) -> nn.Module:
@@ -405,49 +412,152 @@ def _take_units(module: nn.Module, keep: torch.Tensor, side: str) -> nn.Module:
     return new
 
 
-def _head_plan(model: nn.Module) -> dict[int, list[int]]:
-    """{layer index: heads whose output-projection gates are all 0} of a patched model."""
-    plan: dict[int, list[int]] = {}
-    for name, layer in masked_layers(model).items():
-        if layer.granularity == "head" and layer.head_side == "in":
-            off = (layer.head_gates() == 0).nonzero().flatten().tolist()
-            if off:
-                plan[int(re.search(r"\.(\d+)\.", name).group(1))] = off
-    return plan
+def _role_groups(model: nn.Module, family: str, roles) -> dict[str, dict[str, tuple[str, nn.Module]]]:
+    """{transformer block: {role: (name, layer)}} of the linear (or masked) layers with one of ``roles``."""
+    groups: dict[str, dict[str, tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        if not name or not (isinstance(module, (nn.Linear, MaskedLinear)) or _is_conv1d(module)):
+            continue
+        role = layer_role(family, name)
+        if role in roles:
+            groups.setdefault(_block_key(name), {})[role] = (name, module)
+    return groups
 
 
-def export_pruned(model: nn.Module, *, non_uniform: str = "pad", heads: str = "error") -> nn.Module:
-    """Merge the masks (``merge``) and physically remove the MLP units and heads that are off.
+def _head_weight_rows(module: nn.Module, mask: Optional[int]) -> torch.Tensor:
+    """The (out, in) weight the exported model will hold: merged (eval mask ``mask``) for a MaskedLinear."""
+    if isinstance(module, MaskedLinear):
+        weight = module.merged_weight(mask=mask)
+        return weight.t() if module.weight_layout == "in_out" else weight
+    return _rows(module).detach()
+
+
+@torch.no_grad()
+def _dead_heads(model: nn.Module, family: str, mask: Optional[int]) -> dict[str, list[int]]:
+    """{transformer block: heads whose columns of the (merged) attention output projection are all zero}: such a
+    head adds nothing to the output whatever its q, k, v (any granularity or mask can produce it)."""
+    config = model.config
+    n_heads, dim = config.num_attention_heads, head_dim(model)
+    dead = {}
+    for key, group in _role_groups(model, family, ("attn_out",)).items():
+        columns = _head_weight_rows(group["attn_out"][1], mask)  # (hidden, n_heads * head_dim)
+        zero = (columns.reshape(columns.shape[0], n_heads, dim) == 0).all(dim=2).all(dim=0)
+        if bool(zero.any()):
+            dead[key] = zero.nonzero().flatten().tolist()
+    return dead
+
+
+def _heads_to_keep(model: nn.Module, dead: dict[str, list[int]], non_uniform: str) -> tuple[dict[str, list[int]],
+                                                                                              int]:
+    """Llama family: {block: query heads kept} and the kept heads per key/value group, the same in every group of
+    every layer (one num_attention_heads for the model; query head h reads key/value head h // n_rep, so each
+    group keeps as many as the fullest one, re-keeping dead heads: exact, they add zero)."""
+    config = model.config
+    n_heads, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or \
+        config.num_attention_heads
+    n_rep = n_heads // n_kv
+    alive = {}
+    for key in _role_groups(model, model_family(model), ("attn_out",)):
+        off = set(dead.get(key, ()))
+        alive[key] = [[h for h in range(g * n_rep, (g + 1) * n_rep) if h not in off] for g in range(n_kv)]
+    counts = sorted({len(heads) for groups in alive.values() for heads in groups})
+    width = max(counts[-1], 1)  # a layer keeps at least one head per group (a config needs one)
+    if len(counts) > 1:
+        message = (f"key/value groups keep different numbers of query heads ({counts}) but {type(config).__name__} "
+                   f"has one num_attention_heads for every layer")
+        if non_uniform == "error":
+            raise NotImplementedError(f"fastmask.export_pruned: {message}. non_uniform='pad' keeps {width} per "
+                                      f"group everywhere")
+        warnings.warn(f"fastmask.export_pruned: {message}, so every group keeps {width} (off heads re-kept: "
+                      f"exact, loadable)", stacklevel=3)
+    keep = {}
+    for key, groups in alive.items():
+        kept = []
+        for g, heads in enumerate(groups):
+            fill = [h for h in range(g * n_rep, (g + 1) * n_rep) if h not in heads][:width - len(heads)]
+            kept.extend(sorted(heads + fill))
+        keep[key] = kept
+    return keep, width
+
+
+def _take_heads(model: nn.Module, group: dict, heads: list[int], dim: int) -> None:
+    """Keep only query heads ``heads`` of one attention block: rows of q_proj, columns of o_proj."""
+    index = torch.tensor([h * dim + i for h in heads for i in range(dim)], dtype=torch.long)
+    for role, side in (("attn_q", "out"), ("attn_out", "in")):
+        name, layer = group[role]
+        _replace(model, name, _take_units(layer, index.to(layer.weight.device), side=side))
+
+
+def _export_heads(model: nn.Module, family: str, keep: dict[str, list[int]], width: int) -> None:
+    """Keep only the query heads ``keep`` (from _heads_to_keep) of a merged Llama-family model."""
+    config, dim = model.config, head_dim(model)
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if width * n_kv == config.num_attention_heads:
+        return
+    groups = _role_groups(model, family, ("attn_q", "attn_out"))
+    for key, heads in keep.items():
+        _take_heads(model, groups[key], heads, dim)
+        attention = model.get_submodule(groups[key]["attn_out"][0].rpartition(".")[0])
+        if hasattr(attention, "num_key_value_groups"):
+            attention.num_key_value_groups = width  # repeat_kv's factor; the rest reshapes with -1 heads
+    config.head_dim = dim  # explicit: hidden_size / num_attention_heads no longer is the head size
+    config.num_attention_heads = width * n_kv
+
+
+# Families whose transformers config can hold fewer attention heads than hidden_size / head_dim: Llama-like configs
+# carry head_dim explicitly. BertConfig and GPT2Config derive the head size from hidden_size / num_attention_heads
+# (and GPT-2 splits c_attn at hidden_size), so a model with fewer heads cannot be described to from_pretrained.
+_HEAD_EXPORT_FAMILIES = ("llama",)
+
+
+def export_pruned(model: nn.Module, *, non_uniform: str = "pad", heads: str = "remove",
+                  mask: Optional[int] = None) -> nn.Module:
+    """Merge the masks (``merge``) and physically remove the MLP units and attention heads that are off.
 
     MLP units (BERT intermediate/output, GPT-2 c_fc/c_proj, Llama gate/up/down): unit j goes when its column of
     the merged output layer is all zero, or when its rows of the merged input layer(s) are all zero (it is then a
     constant: act(b_j) for BERT/GPT-2, which is folded into the output bias; 0 for Llama). The outputs do not
     change. transformers' BertConfig / GPT2Config / LlamaConfig hold ONE intermediate size for every layer, so
     when layers keep different numbers of units, ``non_uniform="pad"`` (default) keeps the largest count in
-    every layer (re-keeping removable units, still exact, still loadable by from_pretrained) and
-    ``non_uniform="error"`` raises NotImplementedError.
+    every layer (re-keeping removable units: still exact, still loadable by from_pretrained) and says so in a
+    UserWarning; ``non_uniform="error"`` raises NotImplementedError instead.
 
-    Heads (granularity="head" on the attention output projections): removed with the model's ``prune_heads``
-    where transformers has it (v4 BERT); transformers 5 removed ``prune_heads`` and has no per-layer head count,
-    so ``heads="error"`` (default) raises NotImplementedError when a head is off, and ``heads="keep"`` keeps
-    them as zero weights. In place; returns the model.
+    Heads: a head is off when its columns of the merged attention output projection are all zero (what
+    granularity="head" produces; any granularity that zeroes those columns counts). ``heads="remove"`` (default)
+    removes them where a transformers config can describe the result: Llama-family models (Llama, Mistral,
+    Qwen2) lose those query heads (rows of q_proj, columns of o_proj; key/value heads stay), and the config gets
+    ``num_attention_heads`` = kept heads per key/value group x num_key_value_heads with an explicit ``head_dim``;
+    query head h reads key/value head h // n_rep, so every group of every layer keeps as many heads as the fullest
+    one (``non_uniform="pad"``, re-keeping off heads: exact, warned) or NotImplementedError (``"error"``).
+    BERT and GPT-2 configs derive the head size from hidden_size / num_attention_heads, so transformers cannot
+    load them with fewer heads: ``heads="remove"`` raises NotImplementedError there when a head is off (before
+    anything changes); ``heads="keep"`` keeps off heads as zero weights everywhere. (transformers 4's BERT /
+    GPT-2 ``prune_heads`` is used where it exists.)
+
+    A K-mask model (n_masks=K) needs ``mask=k`` (the subnetwork of mask k). In place; returns the model.
     """
     if non_uniform not in ("pad", "error"):
         raise ValueError(f"fastmask.export_pruned: non_uniform must be 'pad' or 'error', got {non_uniform!r}")
-    if heads not in ("error", "keep"):
-        raise ValueError(f"fastmask.export_pruned: heads must be 'error' or 'keep', got {heads!r}")
+    if heads not in ("remove", "keep"):
+        raise ValueError(f"fastmask.export_pruned: heads must be 'remove' or 'keep', got {heads!r}")
     family = model_family(model)
     if family not in _INTERMEDIATE_ATTR:
         raise NotImplementedError(f"fastmask.export_pruned supports {sorted(_INTERMEDIATE_ATTR)} families, not "
                                   f"{getattr(getattr(model, 'config', None), 'model_type', type(model).__name__)!r}")
-    head_plan = _head_plan(model)
-    if head_plan and not hasattr(model, "prune_heads") and heads == "error":
+    for layer in masked_layers(model).values():  # before anything changes
+        layer.check_mask(mask, "fastmask.export_pruned", required=True)
+    dead = _dead_heads(model, family, mask) if heads == "remove" else {}
+    legacy_prune = hasattr(model, "prune_heads") and family not in _HEAD_EXPORT_FAMILIES
+    if dead and family not in _HEAD_EXPORT_FAMILIES and not legacy_prune:
+        example = {k: v for k, v in list(dead.items())[:2]}
         raise NotImplementedError(
-            f"fastmask.export_pruned: heads are off ({ {k: v for k, v in list(head_plan.items())[:3]} } ...) but "
-            f"{type(model).__name__} has no prune_heads (removed in transformers 5, which also has no per-layer "
-            f"head count in its configs); pass heads='keep' to keep them as zero weights (fastmask.merge)")
+            f"fastmask.export_pruned: heads are off ({example} ...) but {type(model.config).__name__} derives the "
+            f"head size from hidden_size / num_attention_heads, so transformers cannot load {type(model).__name__} "
+            f"with fewer heads (and transformers 5 has no prune_heads). Pass heads='keep' to keep them as zero "
+            f"weights (as fastmask.merge does); Llama-family models can remove them")
+    head_plan = _heads_to_keep(model, dead, non_uniform) if dead and family in _HEAD_EXPORT_FAMILIES else None
     if masked_layers(model):
-        merge(model)
+        merge(model, mask=mask)
     groups = _mlp_groups(model, family)
     plans = {}
     for key, group in groups.items():
@@ -461,6 +571,10 @@ def export_pruned(model: nn.Module, *, non_uniform: str = "pad", heads: str = "e
                 f"fastmask.export_pruned: the layers keep different numbers of MLP units ({list(kept.values())}); "
                 f"{type(model.config).__name__} has a single {_INTERMEDIATE_ATTR[family]}, so transformers cannot "
                 f"load a non-uniform model. non_uniform='pad' keeps {max(kept.values())} units in every layer")
+        warnings.warn(f"fastmask.export_pruned: the layers keep different numbers of MLP units "
+                      f"({list(kept.values())}); {type(model.config).__name__} has one "
+                      f"{_INTERMEDIATE_ATTR[family]}, so every layer keeps {max(kept.values())} (removable units "
+                      f"re-kept: exact, loadable)", stacklevel=2)
     width = max(kept.values()) if kept else None
     for key, group in groups.items():
         removable, const = plans[key]
@@ -483,8 +597,11 @@ def export_pruned(model: nn.Module, *, non_uniform: str = "pad", heads: str = "e
         _replace(model, out_name, new_out)
     if width is not None:
         setattr(model.config, _INTERMEDIATE_ATTR[family], width)
-    if head_plan and hasattr(model, "prune_heads"):
-        model.prune_heads(head_plan)
+    if head_plan is not None:
+        _export_heads(model, family, *head_plan)
+    elif dead and legacy_prune:
+        blocks = {key: int(re.search(r"\.(\d+)$", key).group(1)) for key in dead}
+        model.prune_heads({blocks[key]: heads_off for key, heads_off in dead.items()})
     return model
 
 

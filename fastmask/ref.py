@@ -14,6 +14,8 @@ Conventions shared by every backend (see DESIGN.md):
   is gated by logit ``(r // bh, c // bw)`` where ``block = (bh, bw)``; per-weight masks are ``block = (1, 1)``,
   output units ``(1, C)``, input units ``(R, 1)``, heads ``(R, head_dim)``, a whole layer ``(R, C)``.
   The noise of logit ``j`` (row-major flat index in the grid) is ``uniform`` element ``j``.
+* K masks over one weight (``grouped_masked_linear``): a stack (K, GR, GC) of grids is one noise stream in
+  row-major order, so mask ``k`` is the single grid ``logits[k]`` at offset ``offset + k * GR * GC``.
 * Estimators (``beta`` is the temperature of the stochastic relaxations, ``tau`` the threshold of
   ``threshold_st``); ``inverse=True`` returns ``1 - z`` and negates the gradient:
 
@@ -54,6 +56,10 @@ __all__ = [
     "masked_weight_ref",
     "masked_linear_ref",
     "masked_linear_backward_ref",
+    "mask_offset",
+    "grouped_masked_weight_ref",
+    "grouped_masked_linear_ref",
+    "grouped_masked_linear_backward_ref",
     "masked_linear_naive",
     "hard_concrete_naive",
     "l0_norm_ref",
@@ -184,20 +190,21 @@ def gate_backward_ref(grad_gates, logits, estimator="hard_concrete", seed=0, off
 
 
 def expand_gates(gates: torch.Tensor, block: Sequence[int], weight_shape: Sequence[int]) -> torch.Tensor:
-    """Broadcast a gate grid to the full weight shape: element (r, c) takes gate (r // bh, c // bw)."""
+    """Broadcast a gate grid (..., GR, GC) to the weight shape (..., R, C): element (r, c) takes gate
+    (r // bh, c // bw); leading dimensions (the K masks of a grouped layer) are kept."""
     bh, bw = block
-    rows, cols = weight_shape
-    return gates.repeat_interleave(bh, 0)[:rows].repeat_interleave(bw, 1)[:, :cols]
+    rows, cols = weight_shape[-2:]
+    return gates.repeat_interleave(bh, -2)[..., :rows, :].repeat_interleave(bw, -1)[..., :cols]
 
 
 def reduce_to_grid(values: torch.Tensor, block: Sequence[int], grid_shape: Sequence[int]) -> torch.Tensor:
-    """Sum a full (R, C) tensor over each (bh, bw) block (edge blocks may be partial) into the grid shape."""
+    """Sum a (..., R, C) tensor over each (bh, bw) block (edge blocks may be partial) into (..., GR, GC)."""
     bh, bw = block
-    gr, gc = grid_shape
-    rows, cols = values.shape
-    padded = values.new_zeros(gr * bh, gc * bw)
-    padded[:rows, :cols] = values
-    return padded.reshape(gr, bh, gc, bw).sum(dim=(1, 3))
+    gr, gc = grid_shape[-2:]
+    *lead, rows, cols = values.shape
+    padded = values.new_zeros(*lead, gr * bh, gc * bw)
+    padded[..., :rows, :cols] = values
+    return padded.reshape(*lead, gr, bh, gc, bw).sum(dim=(-3, -1))
 
 
 def masked_weight_ref(weight, logits, block, estimator="hard_concrete", seed=0, offset=0, beta=2 / 3, gamma=-0.1,
@@ -248,6 +255,79 @@ def masked_linear_backward_ref(grad_out, x, weight, logits, bias=None, estimator
     grad_weight = (grad_wm * mask.to(grad_wm.dtype)).to(weight.dtype) if needs_weight_grad else None
     grad_bias = dy2.sum(0).to(bias.dtype) if bias is not None else None
     return grad_x, grad_weight, grad_logits, grad_bias
+
+
+def mask_offset(offset: int, mask: int, n_gates: int) -> int:
+    """Noise offset of mask ``mask`` of a stack of K gate grids of ``n_gates`` gates each: the stack is one Philox
+    stream in row-major order, so gate j of mask k draws ``uniform(seed, offset + k * n_gates + j)``."""
+    return offset + mask * n_gates
+
+
+def _rows_of_mask(x, index, mask: int, n_masks: int):
+    """The leading-dimension rows of ``x`` that use mask ``mask``: ``index == mask``, or the mask's contiguous
+    group of x.shape[0] / n_masks rows when ``index`` is None."""
+    if index is None:
+        size = x.shape[0] // n_masks
+        return torch.arange(mask * size, (mask + 1) * size, device=x.device)
+    return (index == mask).nonzero().flatten()
+
+
+def grouped_masked_linear_ref(x, weight, logits, bias=None, index=None, estimator="hard_concrete", seed=0, offset=0,
+                              training=True, inverse=False, weight_layout="out_in", block=(1, 1), beta=2 / 3,
+                              gamma=-0.1, zeta=1.1, tau=0.0) -> torch.Tensor:
+    """K masked linear layers over one weight: row b of x (its leading dimension) uses mask ``index[b]``.
+
+    ``logits`` is a stack (K, GR, GC) of gate grids. ``index`` (LongTensor (x.shape[0],), values in [0, K)) or
+    None: x.shape[0] is K equal contiguous groups, group k using mask k. By definition this equals K separate
+    ``masked_linear_ref`` calls, mask k with offset ``mask_offset(offset, k, GR * GC)`` (this loop over the K
+    masks is the oracle of the grouped op, which runs them as one batched product).
+    """
+    n_masks, n_gates = logits.shape[0], logits[0].numel()
+    y = None
+    for k in range(n_masks):
+        rows = _rows_of_mask(x, index, k, n_masks)
+        y_k = masked_linear_ref(x[rows], weight, logits[k], bias, estimator, seed, mask_offset(offset, k, n_gates),
+                                training, inverse, weight_layout, block, beta, gamma, zeta, tau)
+        if y is None:
+            y = y_k.new_zeros(*x.shape[:-1], y_k.shape[-1])
+        y[rows] = y_k
+    return y
+
+
+def grouped_masked_linear_backward_ref(grad_out, x, weight, logits, bias=None, index=None, estimator="hard_concrete",
+                                       seed=0, offset=0, training=True, inverse=False, weight_layout="out_in",
+                                       block=(1, 1), beta=2 / 3, gamma=-0.1, zeta=1.1, tau=0.0,
+                                       needs_weight_grad=False):
+    """Gradients (grad_x, grad_weight, grad_logits (K, GR, GC), grad_bias) of ``grouped_masked_linear_ref``: per
+    mask, ``masked_linear_backward_ref`` over that mask's rows; the shared weight and bias sum their gradients."""
+    n_masks, n_gates = logits.shape[0], logits[0].numel()
+    grad_x = torch.zeros_like(x)
+    grad_logits = torch.zeros_like(logits)
+    grad_weight = torch.zeros_like(weight, dtype=_upcast(weight).dtype) if needs_weight_grad else None
+    grad_bias = torch.zeros_like(bias, dtype=_upcast(bias).dtype) if bias is not None else None
+    for k in range(n_masks):
+        rows = _rows_of_mask(x, index, k, n_masks)
+        gx, gw, gl, gb = masked_linear_backward_ref(
+            grad_out[rows], x[rows], weight, logits[k], bias, estimator, seed, mask_offset(offset, k, n_gates),
+            training, inverse, weight_layout, block, beta, gamma, zeta, tau, needs_weight_grad)
+        grad_x[rows] = gx
+        grad_logits[k] = gl
+        if needs_weight_grad:
+            grad_weight += gw
+        if bias is not None:
+            grad_bias += gb
+    return (grad_x, None if grad_weight is None else grad_weight.to(weight.dtype), grad_logits,
+            None if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+def grouped_masked_weight_ref(weight, logits, block, estimator="hard_concrete", seed=0, offset=0, beta=2 / 3,
+                              gamma=-0.1, zeta=1.1, tau=0.0, training=True, inverse=False) -> torch.Tensor:
+    """The K masked weights (K, R, C) of a stack of gate grids (K, GR, GC), in the weight's dtype and layout: mask
+    k is ``masked_weight_ref(weight, logits[k], ..., offset=mask_offset(offset, k, GR * GC))`` (one gate draw
+    over the stack: its flat index is the noise counter)."""
+    gates = gate_ref(logits, estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
+    mask = expand_gates(gates, block, weight.shape)
+    return (_upcast(weight) * mask.to(_upcast(weight).dtype)).to(weight.dtype)
 
 
 def _l0_shift(beta: float, gamma: float, zeta: float) -> float:

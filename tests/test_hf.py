@@ -135,11 +135,11 @@ def test_config_json_round_trip_and_validation():
     for bad, field in [(dict(estimator="magic"), "estimator"), (dict(granularity="row"), "granularity"),
                        (dict(block=(0, 4)), "block"), (dict(init_keep=1.0), "init_keep"),
                        (dict(targets=["("]), r"targets\[0\]"), (dict(beta=0), "beta"), (dict(gamma=0.1), "gamma"),
-                       (dict(zeta=0.9), "zeta"), (dict(seed=-1), "seed"), (dict(n_masks=0), "n_masks")]:
+                       (dict(zeta=0.9), "zeta"), (dict(seed=-1), "seed"), (dict(n_masks=0), "n_masks"),
+                       (dict(n_masks=2.0), "n_masks")]:
         with pytest.raises(ValueError, match=field):
             MaskConfig(**bad)
-    with pytest.raises(NotImplementedError, match="n_masks"):
-        MaskConfig(n_masks=4)
+    assert MaskConfig.from_json(MaskConfig(n_masks=4).to_json()).n_masks == 4
     with pytest.raises(ValueError, match="unknown field"):
         MaskConfig.from_dict({"granularity": "weight", "sparsity": 0.5})
 

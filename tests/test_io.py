@@ -234,7 +234,8 @@ def test_export_pruned_non_uniform_pads_or_refuses(tmp_path):
         export_pruned(make(), non_uniform="error")
     model = make()
     masked = output(model, ids)
-    pruned = export_pruned(model)  # pad: every layer keeps 216 units; still exact, still loadable
+    with pytest.warns(UserWarning, match=r"different numbers of MLP units \(\[156, 216\]\).*every layer keeps 216"):
+        pruned = export_pruned(model)  # pad: every layer keeps 216 units; still exact, still loadable
     assert pruned.config.n_inner == 216
     torch.testing.assert_close(output(pruned, ids), masked, rtol=1e-5, atol=1e-5)
     pruned.save_pretrained(tmp_path)
@@ -274,18 +275,85 @@ def test_export_pruned_llama_gated_units(request):
     torch.testing.assert_close(output(pruned, inputs), masked, rtol=1e-4, atol=2e-3)
 
 
-def test_export_pruned_heads_need_prune_heads():
-    model, inputs = load("bert")
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_export_pruned_heads_of_bert_and_gpt2_refuse_removal_or_keep_zeros(arch):
+    """BertConfig / GPT2Config derive the head size from hidden_size / num_attention_heads: fewer heads cannot be
+    loaded, so removal is refused (before anything changes) and heads='keep' keeps them as zero weights."""
+    model, inputs = load(arch)
     apply(model, MaskConfig(granularity="head", init_logit=10.0))
     with torch.no_grad():
-        masked_modules(model)["encoder.layer.2.attention.output.dense"].logits[0, 5] = -10.0
+        next(iter(masked_modules(model).values())).logits.view(-1)[1] = -10.0
     masked = output(model, inputs)
     if not hasattr(model, "prune_heads"):  # transformers 5
-        with pytest.raises(NotImplementedError, match="prune_heads"):
+        with pytest.raises(NotImplementedError, match=r"derives the head size from hidden_size / "
+                                                      r"num_attention_heads.*heads='keep'"):
             export_pruned(model)
         assert masked_modules(model)  # refused before anything changed
-        kept = export_pruned(model, heads="keep")
-        assert not masked_modules(kept) and kept.config.intermediate_size == 1536
-        torch.testing.assert_close(output(kept, inputs), masked, rtol=1e-5, atol=1e-5)
+    kept = export_pruned(model, heads="keep")
+    assert not masked_modules(kept)
+    torch.testing.assert_close(output(kept, inputs), masked, rtol=1e-5, atol=1e-5)
     with pytest.raises(NotImplementedError, match="supports"):
         export_pruned(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="heads must be 'remove' or 'keep'"):
+        export_pruned(kept, heads="error")
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # 6 query heads in 2 key/value groups (n_rep = 3), head_dim 8
+    config = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=32)
+    return LlamaForCausalLM(config).eval()
+
+
+def _close_heads(model, per_layer: dict):
+    apply(model, MaskConfig(granularity="head", init_logit=10.0))
+    with torch.no_grad():
+        for i, heads in per_layer.items():
+            model.model.layers[i].self_attn.o_proj.logits[0, heads] = -10.0
+
+
+def test_export_pruned_removes_llama_heads_and_round_trips(tmp_path):
+    import warnings
+
+    from transformers import LlamaForCausalLM
+
+    ids = {"input_ids": torch.randint(0, 96, (2, 7))}
+    model = _tiny_llama()
+    _close_heads(model, {0: [0, 4], 1: [2, 3]})  # every key/value group of every layer keeps 2 of 3
+    masked = output(model, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # uniform: nothing padded, nothing to warn about
+        pruned = export_pruned(model)
+    assert pruned.config.num_attention_heads == 4 and pruned.config.head_dim == 8
+    attention = pruned.model.layers[1].self_attn
+    assert tuple(attention.q_proj.weight.shape) == (32, 48) and tuple(attention.o_proj.weight.shape) == (48, 32)
+    assert tuple(attention.k_proj.weight.shape) == (16, 48) and attention.num_key_value_groups == 2
+    torch.testing.assert_close(output(pruned, ids), masked, rtol=1e-5, atol=1e-5)
+    pruned.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    for implementation in ("sdpa", "eager"):
+        reloaded.set_attn_implementation(implementation)
+        torch.testing.assert_close(output(reloaded, ids), masked, rtol=1e-5, atol=1e-5)
+
+
+def test_export_pruned_non_uniform_llama_heads_pad_with_a_warning_or_refuse():
+    ids = {"input_ids": torch.randint(0, 96, (2, 7))}
+    model = _tiny_llama()
+    _close_heads(model, {0: [0], 1: [1, 2, 5]})  # kept per group: layer 0 (2, 3), layer 1 (1, 2)
+    with pytest.raises(NotImplementedError, match=r"different numbers of query heads \(\[1, 2, 3\]\)"):
+        export_pruned(model, non_uniform="error")
+    assert masked_modules(model)  # refused before anything changed
+    masked = output(model, ids)
+    with pytest.warns(UserWarning, match=r"every group keeps 3"):
+        pruned = export_pruned(model)
+    assert pruned.config.num_attention_heads == 6  # the fullest group keeps all 3: nothing can go
+    torch.testing.assert_close(output(pruned, ids), masked, rtol=1e-5, atol=1e-5)
+    model = _tiny_llama()
+    _close_heads(model, {0: [0, 3, 4], 1: [1, 2, 5]})  # layer 0 (1, 1), layer 1 (1, 2): pad to 2 per group
+    masked = output(model, ids)
+    with pytest.warns(UserWarning, match=r"every group keeps 2"):
+        pruned = export_pruned(model)
+    assert pruned.config.num_attention_heads == 4
+    torch.testing.assert_close(output(pruned, ids), masked, rtol=1e-5, atol=1e-5)

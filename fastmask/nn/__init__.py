@@ -1,6 +1,6 @@
 """Masked modules (drop-in replacements for nn.Linear and GPT-2's Conv1D) and helpers over models holding them."""
 
-from .masked_linear import MaskedLinear, masked_layers, set_step
+from .masked_linear import MaskedLinear, mask_index, masked_layers, set_mask_index, set_step
 from .replace import replace_linear_layers
 
-__all__ = ["MaskedLinear", "masked_layers", "set_step", "replace_linear_layers"]
+__all__ = ["MaskedLinear", "masked_layers", "set_step", "mask_index", "set_mask_index", "replace_linear_layers"]

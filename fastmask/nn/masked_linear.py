@@ -18,22 +18,36 @@ specialises ints that live on nn.Modules, so a changing ``step`` would recompile
   symbolic after the first change, again 2 compilations in all.
 
 Eval-mode forwards read no counter and compile to one graph with ``fullgraph=True``.
+
+K masks (``n_masks=K``). The logits are a stack (K, GR, GC), one gate grid per mask, and every forward needs to
+know which mask each row of the batch uses. Hugging Face models pass no extra arguments down to their linear
+layers, so the layers read it from module state that ``fastmask.mask_index`` sets:
+
+    with fm.mask_index(model, idx):    # idx: LongTensor (batch,), row b uses mask idx[b]
+        out = model(**batch)           # ONE forward: every layer runs fm.ops.grouped_masked_linear
+    with fm.mask_index(model, "grouped"):   # the batch is K equal contiguous groups, group k -> mask k
+    with fm.mask_index(model, 2):           # every row uses mask 2 (fm.ops.masked_linear on logits[2])
+
+Mask k draws the noise of a single-mask layer whose offset is shifted by ``k * GR * GC`` (the stack is one noise
+stream), so a K-mask forward equals K single-mask forwards exactly. ``fastmask.set_mask_index`` is the plain
+function (callable inside a compiled function, like set_step). A K-mask layer called without an index raises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import GRANULARITIES
-from ..ops import gate, masked_linear
+from ..ops import gate, grouped_masked_linear, masked_linear
 from ..ops._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta
 from ..ops._validate import check_gate_params, estimator_code
-from ..ref import expand_gates
+from ..ref import expand_gates, mask_offset
 
 HEAD_SIDES = ("in", "out")
 
@@ -84,13 +98,16 @@ class MaskedLinear(nn.Module):
 
     Modes (plain attributes, used by fastmask.hf.inverse / bypass): ``inverse=True`` uses ``1 - m`` (the model
     with the subnetwork removed); ``bypass=True`` runs the unmasked layer (``F.linear`` with the original weight).
+
+    ``n_masks=K > 1``: K independent masks, logits (K, GR, GC); ``mask_index`` (set by fastmask.mask_index) says
+    which mask each row of the batch uses (see the module docstring). Per-mask views take ``mask=k``.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, weight_layout: str = "out_in",
                  estimator: str = "hard_concrete", granularity: str = "weight", block: Sequence[int] = (32, 32),
                  head_dim: Optional[int] = None, head_side: str = "in", init_keep: Optional[float] = 0.9,
                  init_logit: Optional[float] = None, beta: Optional[float] = None, gamma: float = DEFAULT_GAMMA,
-                 zeta: float = DEFAULT_ZETA, tau: float = DEFAULT_TAU, seed: int = 0):
+                 zeta: float = DEFAULT_ZETA, tau: float = DEFAULT_TAU, seed: int = 0, n_masks: int = 1):
         super().__init__()
         estimator_code(estimator, "MaskedLinear")
         if granularity not in GRANULARITIES:
@@ -103,6 +120,9 @@ class MaskedLinear(nn.Module):
             raise ValueError(f"MaskedLinear: weight must be 2-D, got shape {list(weight.shape)}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1:
             raise ValueError(f"MaskedLinear: seed must be an int in [0, 2**63 - 1], got {seed!r}")
+        if isinstance(n_masks, bool) or not isinstance(n_masks, int) or n_masks < 1:
+            raise ValueError(f"MaskedLinear: n_masks must be a positive int, got {n_masks!r}")
+        self.n_masks = n_masks
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.weight.requires_grad_(False)
         if bias is not None and not isinstance(bias, nn.Parameter):
@@ -124,7 +144,9 @@ class MaskedLinear(nn.Module):
             if init_keep is None:
                 raise ValueError("MaskedLinear: pass init_keep (a probability in (0, 1)) or init_logit")
             init_logit = self._logit_for_keep(init_keep)
-        self.logits = nn.Parameter(torch.full(grid, float(init_logit), dtype=torch.float32, device=weight.device))
+        shape = grid if n_masks == 1 else (n_masks,) + tuple(grid)  # one grid, or a stack of K (one noise stream)
+        self.logits = nn.Parameter(torch.full(shape, float(init_logit), dtype=torch.float32, device=weight.device))
+        self.mask_index = None  # K masks: which mask each batch row uses (fastmask.mask_index); see module doc
         self.step = 0  # noise position of the next training forward (Python int: see the module docstring)
         self.auto_step = True
         self.inverse = False
@@ -166,10 +188,15 @@ class MaskedLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0] if self.weight_layout == "out_in" else self.weight.shape[1]
 
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """(GR, GC): the gate grid of one mask."""
+        return tuple(self.logits.shape[-2:])
+
     def gate_weight_counts(self) -> torch.Tensor:
-        """Number of weights each gate covers (int64, the logits' shape): edge blocks may be partial."""
+        """Number of weights each gate of one mask covers (int64, (GR, GC)): edge blocks may be partial."""
         rows, cols = self.weight.shape
-        (gr, gc), (bh, bw) = self.logits.shape, self.block
+        (gr, gc), (bh, bw) = self.grid_shape, self.block
         row_counts = torch.full((gr,), bh, dtype=torch.int64)
         col_counts = torch.full((gc,), bw, dtype=torch.int64)
         row_counts[-1] = rows - bh * (gr - 1)
@@ -177,28 +204,51 @@ class MaskedLinear(nn.Module):
         return row_counts[:, None] * col_counts[None, :]
 
     # --- gates ----------------------------------------------------------------------------------------------
-    def gates(self, inverse: bool = False) -> torch.Tensor:
-        """The deterministic (eval-mode) gates on the logits grid (float32), detached."""
-        return gate(self.logits.detach(), estimator=self.estimator, beta=self.beta, gamma=self.gamma,
-                    zeta=self.zeta, tau=self.tau, training=False, inverse=inverse)
+    def check_mask(self, mask: Optional[int], where: str, required: bool = False) -> Optional[int]:
+        """Validate a mask number (0 <= mask < n_masks, or None for all masks); ``required``: a K-mask layer needs
+        one (a single subnetwork is asked for)."""
+        if mask is None:
+            if required and self.n_masks > 1:
+                raise ValueError(f"{where}: this layer holds n_masks={self.n_masks} masks; pass mask=k with "
+                                 f"0 <= k < {self.n_masks} to choose one")
+            return None
+        if isinstance(mask, bool) or not isinstance(mask, int) or not 0 <= mask < self.n_masks:
+            raise ValueError(f"{where}: mask must be an int in [0, {self.n_masks}) (n_masks={self.n_masks}), "
+                             f"got {mask!r}")
+        return mask
 
-    def head_gates(self) -> torch.Tensor:
-        """Eval-mode gates per head, 1-D (granularity="head" only)."""
+    def _of_mask(self, t: torch.Tensor, mask: Optional[int]) -> torch.Tensor:
+        """Mask ``mask``'s slice of a per-mask stack (the whole tensor for one mask or mask=None)."""
+        return t if self.n_masks == 1 or mask is None else t[mask]
+
+    def gates(self, inverse: bool = False, mask: Optional[int] = None) -> torch.Tensor:
+        """The deterministic (eval-mode) gates on the logits grid (float32), detached: (GR, GC), or (K, GR, GC) for
+        every mask of a K-mask layer unless ``mask=k``."""
+        mask = self.check_mask(mask, "MaskedLinear.gates")
+        return gate(self._of_mask(self.logits.detach(), mask), estimator=self.estimator, beta=self.beta,
+                    gamma=self.gamma, zeta=self.zeta, tau=self.tau, training=False, inverse=inverse)
+
+    def head_gates(self, mask: Optional[int] = None) -> torch.Tensor:
+        """Eval-mode gates per head (granularity="head" only): (n_heads,), or (K, n_heads) for every mask."""
         if self.granularity != "head":
             raise ValueError(f"MaskedLinear.head_gates: granularity is {self.granularity!r}, not 'head'")
-        return self.gates().reshape(-1)
+        gates = self.gates(mask=mask)
+        return gates.reshape(-1) if gates.dim() == 2 else gates.reshape(gates.shape[0], -1)
 
-    def mask(self, inverse: bool = False) -> torch.Tensor:
-        """The eval-mode mask expanded to the weight's shape and layout (float32)."""
-        return expand_gates(self.gates(inverse), self.block, self.weight.shape)
+    def mask(self, inverse: bool = False, mask: Optional[int] = None) -> torch.Tensor:
+        """The eval-mode mask expanded to the weight's shape and layout (float32); (K, R, C) for every mask of a
+        K-mask layer unless ``mask=k``."""
+        return expand_gates(self.gates(inverse, mask), self.block, self.weight.shape)
 
     @torch.no_grad()
-    def merged_weight(self, inverse: bool = False) -> torch.Tensor:
+    def merged_weight(self, inverse: bool = False, mask: Optional[int] = None) -> torch.Tensor:
         """W * m with the eval-mode mask, in the weight's dtype and layout (the product taken in float32, or
-        float64, and rounded once, as the ops do). A new tensor; the weight is not modified."""
+        float64, and rounded once, as the ops do). A new tensor; the weight is not modified. A K-mask layer needs
+        ``mask=k``."""
+        mask = self.check_mask(mask, "MaskedLinear.merged_weight", required=True)
         w = self.weight
         up = w if w.dtype == torch.float64 else w.float()
-        return (up * self.mask(inverse).to(up.dtype)).to(w.dtype)
+        return (up * self.mask(inverse, mask).to(up.dtype)).to(w.dtype)
 
     # --- forward --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,15 +256,26 @@ class MaskedLinear(nn.Module):
         if self.bypass:
             weight = self.weight if self.weight_layout == "out_in" else self.weight.t()
             return F.linear(x, weight, self.bias)
+        index = self.mask_index
+        if self.n_masks > 1 and index is None:
+            raise RuntimeError(f"MaskedLinear with n_masks={self.n_masks}: say which mask each batch row uses, "
+                               f"e.g. `with fastmask.mask_index(model, idx):` (idx a LongTensor (batch,)), "
+                               f"fastmask.mask_index(model, 'grouped') or fastmask.mask_index(model, k)")
         offset = 0
         if self.training:
-            offset = self.step * self.logits.numel()
+            offset = self.step * self.logits.numel()  # K masks: the whole stack's noise per step
             if self.auto_step:
                 self.step = self.step + 1
-        return masked_linear(x, self.weight, self.logits, self.bias, estimator=self.estimator, seed=self.seed,
-                             offset=offset, training=self.training, inverse=self.inverse,
-                             weight_layout=self.weight_layout, block=self.block, beta=self.beta, gamma=self.gamma,
-                             zeta=self.zeta, tau=self.tau)
+        kwargs = dict(estimator=self.estimator, seed=self.seed, training=self.training, inverse=self.inverse,
+                      weight_layout=self.weight_layout, block=self.block, beta=self.beta, gamma=self.gamma,
+                      zeta=self.zeta, tau=self.tau)
+        if self.n_masks == 1:
+            return masked_linear(x, self.weight, self.logits, self.bias, offset=offset, **kwargs)
+        if isinstance(index, int):  # one mask for the whole batch: the single-mask op on its slice of the stack
+            return masked_linear(x, self.weight, self.logits[index], self.bias,
+                                 offset=mask_offset(offset, index, self.logits[0].numel()), **kwargs)
+        return grouped_masked_linear(x, self.weight, self.logits, self.bias,
+                                     index=None if isinstance(index, str) else index, offset=offset, **kwargs)
 
     # --- back to a plain layer ------------------------------------------------------------------------------
     def to_module(self, weight: Optional[torch.Tensor] = None) -> nn.Module:
@@ -239,6 +300,7 @@ class MaskedLinear(nn.Module):
     def describe(self) -> dict:
         """The layer's mask hyper-parameters as plain JSON types (stored by fastmask.save_masks)."""
         return {"weight_shape": list(self.weight.shape), "weight_layout": self.weight_layout,
+                "n_masks": self.n_masks,
                 "estimator": self.estimator, "granularity": self.granularity, "block": list(self.block),
                 "logits_shape": list(self.logits.shape), "head_dim": self.head_dim, "head_side": self.head_side,
                 "beta": self.beta, "gamma": self.gamma, "zeta": self.zeta, "tau": self.tau, "seed": self.seed,
@@ -246,8 +308,9 @@ class MaskedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = " inverse" if self.inverse else (" bypass" if self.bypass else "")
+        masks = f", n_masks={self.n_masks}" if self.n_masks > 1 else ""
         return (f"weight={tuple(self.weight.shape)} ({self.weight_layout}), estimator={self.estimator}, "
-                f"granularity={self.granularity}, gates={tuple(self.logits.shape)}{mode}")
+                f"granularity={self.granularity}, gates={tuple(self.logits.shape)}{masks}{mode}")
 
 
 def masked_layers(model: nn.Module) -> dict[str, MaskedLinear]:
@@ -275,3 +338,62 @@ def set_step(model: nn.Module, step: int, *, auto: bool = False) -> None:
             found = True
     if not found:
         raise ValueError("fastmask.set_step: the model has no MaskedLinear layers (call fastmask.apply first)")
+
+
+MASK_INDEX_GROUPED = "grouped"
+
+
+def _multi_mask_layers(model: nn.Module, where: str) -> list[MaskedLinear]:
+    layers = [m for m in model.modules() if isinstance(m, MaskedLinear)]
+    if not layers:
+        raise ValueError(f"{where}: the model has no MaskedLinear layers (call fastmask.apply first)")
+    multi = [m for m in layers if m.n_masks > 1]
+    if not multi:
+        raise ValueError(f"{where}: the model's masked layers hold one mask each; a mask index needs "
+                         f"MaskConfig(n_masks=K) with K > 1")
+    return multi
+
+
+def set_mask_index(model: nn.Module, index) -> None:
+    """Say which mask each batch row uses in the K-mask layers of ``model`` (until the next call):
+
+    a LongTensor (batch,) of mask numbers in [0, K) (row b of every layer input uses mask index[b]; the values
+    are checked when the layers run), ``"grouped"`` (the batch is K equal contiguous groups, group k -> mask k:
+    no gather), an int k (every row uses mask k), or None (unset: K-mask layers then refuse to run). Plain module
+    state, so it can be called inside a torch.compile'd function; ``fastmask.mask_index`` is the context manager.
+    """
+    where = "fastmask.set_mask_index"
+    layers = _multi_mask_layers(model, where)
+    n_masks = min(layer.n_masks for layer in layers)
+    if isinstance(index, torch.Tensor):
+        if index.dtype != torch.int64 or index.dim() != 1:
+            raise TypeError(f"{where}: a tensor index must be a 1-D LongTensor (batch,) of mask numbers, got "
+                            f"{index.dtype} of shape {list(index.shape)}")
+    elif isinstance(index, str):
+        if index != MASK_INDEX_GROUPED:
+            raise ValueError(f"{where}: the only string index is {MASK_INDEX_GROUPED!r}, got {index!r}")
+    elif isinstance(index, bool) or not (index is None or isinstance(index, int)):
+        raise TypeError(f"{where}: index must be a LongTensor (batch,), 'grouped', an int or None, got "
+                        f"{type(index).__name__}")
+    elif index is not None and not 0 <= index < n_masks:
+        raise ValueError(f"{where}: mask number must be in [0, {n_masks}), got {index}")
+    for layer in layers:
+        layer.mask_index = index
+
+
+@contextlib.contextmanager
+def mask_index(model: nn.Module, index) -> Iterator[nn.Module]:
+    """Context manager: inside it the K-mask layers of ``model`` use ``index`` (see set_mask_index); the previous
+    index comes back on exit, also on exceptions.
+
+        with fm.mask_index(model, torch.tensor([0, 2, 1, 1])):   # 4 rows, masks 0, 2, 1, 1
+            loss = task_loss(model(**batch))
+    """
+    layers = _multi_mask_layers(model, "fastmask.mask_index")
+    saved = [(layer, layer.mask_index) for layer in layers]
+    try:
+        set_mask_index(model, index)
+        yield model
+    finally:
+        for layer, previous in saved:
+            layer.mask_index = previous

@@ -1,6 +1,6 @@
 """Backend choice: which implementation runs each op, per device.
 
-Four backends implement the same five kernel-level functions (the interface below); the public custom ops in
+Four backends implement the same kernel-level functions (the interface below); the public custom ops in
 this package call ``resolve(device)`` at run time, so ``fm.set_backend`` takes effect even inside a compiled
 graph (the op bodies are opaque to torch.compile).
 
@@ -13,6 +13,7 @@ graph (the op bodies are opaque to torch.compile).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import os
@@ -52,6 +53,9 @@ class ReferenceBackend:
         layout = "in_out" if in_out else "out_in"
         return ref.masked_linear_ref(x, weight, logits, bias, weight_layout=layout, block=block, **p.ref_kwargs())
 
+    def grouped_masked_weight(self, weight, logits, block, p: GateParams):
+        return ref.grouped_masked_weight_ref(weight, logits, block, **p.ref_kwargs())
+
     def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p: GateParams,
                                needs_input_grad, needs_weight_grad):
         layout = "in_out" if in_out else "out_in"
@@ -85,6 +89,17 @@ class ExtensionBackend:
 
     def _masked_weight(self, weight, logits, block, p: GateParams):
         return torch.ops.fastmask._masked_weight(weight.contiguous(), logits, block[0], block[1], *p.cpp_args())
+
+    def grouped_masked_weight(self, weight, logits, block, p: GateParams):
+        # One fused _masked_weight call per mask (each O(weight), none writes an fp32 mask), mask k at its own
+        # offset in the stack's noise stream; the K products that follow are one bmm.
+        weight = weight.contiguous()
+        out = torch.empty((logits.shape[0],) + tuple(weight.shape), dtype=weight.dtype, device=weight.device)
+        n_gates = logits[0].numel()
+        for k in range(logits.shape[0]):
+            out[k] = self._masked_weight(weight, logits[k], block,
+                                         dataclasses.replace(p, offset=ref.mask_offset(p.offset, k, n_gates)))
+        return out
 
     def masked_linear_forward(self, x, weight, logits, bias, block, in_out, p: GateParams):
         wm = self._masked_weight(weight, logits, block, p)

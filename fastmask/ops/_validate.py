@@ -104,3 +104,45 @@ def check_masked_linear(x, weight, logits, bias, weight_layout, block, where="fa
         raise TypeError(f"{where}: bias must have the dtype of x ({x.dtype}), got {bias.dtype}")
     resolved = resolve_block(tuple(logits.shape), tuple(weight.shape), block, where)
     return in_features, out_features, resolved
+
+
+def check_grouped_masked_linear(x, weight, logits, bias, index, weight_layout, block,
+                                where="fastmask.ops.grouped_masked_linear"):
+    """Validate grouped_masked_linear's tensors (metadata only: the index VALUES are checked where the op runs);
+    returns (in_features, out_features, (bh, bw), n_masks)."""
+    check_float_tensor(logits, "logits", where)
+    if logits.dim() != 3 or logits.shape[0] < 1:
+        raise ValueError(f"{where}: logits must be a stack (n_masks, grid_rows, grid_cols) of K >= 1 gate grids, "
+                         f"got shape {list(logits.shape)}")
+    n_masks = logits.shape[0]
+    in_features, out_features, resolved = check_masked_linear(x, weight, logits[0], bias, weight_layout, block,
+                                                              where)
+    if x.dim() < 2:
+        raise ValueError(f"{where}: x must be (batch, ..., in_features) with a leading batch dimension whose rows "
+                         f"pick the masks, got shape {list(x.shape)}")
+    batch = x.shape[0]
+    if index is None:
+        if batch % n_masks:
+            raise ValueError(f"{where}: with index=None the batch is {n_masks} equal contiguous groups (one per "
+                             f"mask), so x.shape[0] must be a multiple of n_masks={n_masks}, got {batch}")
+    else:
+        if not isinstance(index, torch.Tensor):
+            raise TypeError(f"{where}: index must be a LongTensor of shape (batch,) or None, got "
+                            f"{type(index).__name__}")
+        if index.dtype != torch.int64:
+            raise TypeError(f"{where}: index must be an int64 (Long) tensor of mask numbers, got {index.dtype}")
+        if index.dim() != 1 or index.shape[0] != batch:
+            raise ValueError(f"{where}: index must have shape [{batch}] (one mask number per row of x's leading "
+                             f"dimension), got {list(index.shape)}")
+        check_same_device(where, x=x, index=index)
+    return in_features, out_features, resolved, n_masks
+
+
+def check_index_values(index: Optional[torch.Tensor], n_masks: int, where: str) -> None:
+    """Mask numbers must lie in [0, n_masks). Reads the values (a device sync): call it where the op runs."""
+    if index is None or index.numel() == 0:
+        return
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= n_masks:
+        raise ValueError(f"{where}: index values must be mask numbers in [0, {n_masks}), got values in "
+                         f"[{low}, {high}]")

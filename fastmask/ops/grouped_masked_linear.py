@@ -1,0 +1,191 @@
+"""fastmask::grouped_masked_linear: K masks over one frozen weight, in one call (one mask per row of the batch).
+
+    y = fm.ops.grouped_masked_linear(x, weight, logits, bias, index=idx)   # logits (K, GR, GC), idx (batch,)
+    y = fm.ops.grouped_masked_linear(x, weight, logits, bias)              # batch = K equal contiguous groups
+
+Row b of x (its leading dimension) uses mask ``index[b]``; ``index=None`` means x.shape[0] is K equal contiguous
+groups, group k using mask k. Mask k is exactly ``masked_linear(x_k, weight, logits[k], bias,
+offset=offset + k * GR * GC)``: the stack of grids is one Philox stream (fastmask/ref.py).
+
+How it runs (one grouped computation, not K passes): the K masked weights (K, R, C) are built once in the weight
+dtype (Triton: one launch for all K; C++: one fused call per mask; no fp32 mask is kept), the tokens are grouped
+by mask (a pure reshape for index=None; a stable sort + gather into K groups padded to the largest otherwise),
+and one torch.bmm runs the K products. Backward regenerates the masked weights from (seed, offset), runs the two
+gradient products as bmm's, reduces dWm * W per gate and turns it into the logits gradient with ONE gate-backward
+launch over the stack. Padding costs K x (largest group) rows instead of the batch size: balanced batches, or
+index=None, pay nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import ref
+from ._backend import resolve
+from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
+from ._validate import check_grouped_masked_linear, check_index_values
+
+_WHERE = "fastmask.ops.grouped_masked_linear"
+
+
+class _TokenGroups:
+    """Tokens (rows of x flattened to (T, D)) grouped by mask into a (K, G, D) batch, and back.
+
+    index None: the batch is K contiguous groups, a view. Else each token goes to slot ``k * G + rank`` of a
+    zero-padded (K * G, D) buffer, ``rank`` its position among the tokens of mask k (stable order), G the largest
+    group; ``slots`` maps tokens to those rows for the gather and the scatter.
+    """
+
+    def __init__(self, x: torch.Tensor, index: Optional[torch.Tensor], n_masks: int):
+        self.n_masks = n_masks
+        tokens = x.shape[:-1].numel()
+        if index is None:
+            self.slots, self.size = None, tokens // n_masks
+            return
+        token_mask = index.repeat_interleave(tokens // x.shape[0]) if x.shape[0] else index
+        counts = torch.bincount(token_mask, minlength=n_masks)
+        self.size = int(counts.max()) if tokens else 0
+        order = torch.argsort(token_mask, stable=True)
+        sorted_mask = token_mask[order]
+        first = torch.cumsum(counts, 0) - counts  # first sorted position of each mask
+        rank = torch.arange(tokens, device=x.device) - first[sorted_mask]
+        self.slots = torch.empty_like(token_mask)
+        self.slots[order] = sorted_mask * self.size + rank
+
+    def gather(self, t2: torch.Tensor) -> torch.Tensor:
+        """(T, D) -> (K, G, D)."""
+        if self.slots is None:
+            return t2.reshape(self.n_masks, self.size, t2.shape[-1])
+        out = t2.new_zeros(self.n_masks * self.size, t2.shape[-1])
+        out.index_copy_(0, self.slots, t2)
+        return out.view(self.n_masks, self.size, t2.shape[-1])
+
+    def scatter(self, tg: torch.Tensor) -> torch.Tensor:
+        """(K, G, D) -> (T, D), the inverse of gather."""
+        flat = tg.reshape(-1, tg.shape[-1])
+        return flat if self.slots is None else flat.index_select(0, self.slots)
+
+
+def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _as_weight_product(wm: torch.Tensor, in_out: bool) -> torch.Tensor:
+    """(K, in, out) views of the masked weights, the right operand of x @ W^T."""
+    return wm if in_out else wm.transpose(1, 2)
+
+
+@torch.library.custom_op("fastmask::grouped_masked_linear", mutates_args=())
+def _grouped_masked_linear_op(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor,
+                              bias: Optional[torch.Tensor], index: Optional[torch.Tensor], estimator: str, seed: int,
+                              offset: int, training: bool, inverse: bool, weight_layout: str, block: Sequence[int],
+                              beta: float, gamma: float, zeta: float, tau: float) -> torch.Tensor:
+    _, out_features, blk, n_masks = check_grouped_masked_linear(x, weight, logits, bias, index, weight_layout,
+                                                                tuple(block), _WHERE)
+    check_index_values(index, n_masks, _WHERE)
+    params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    wm = resolve(x.device).grouped_masked_weight(weight, logits.contiguous(), blk, params)
+    groups = _TokenGroups(x, index, n_masks)
+    xg = groups.gather(_flatten_tokens(x))
+    rhs = _as_weight_product(wm, weight_layout == "in_out")
+    yg = torch.bmm(xg, rhs) if bias is None else torch.baddbmm(bias, xg, rhs)
+    return groups.scatter(yg).reshape(*x.shape[:-1], out_features)
+
+
+@_grouped_masked_linear_op.register_fake
+def _(x, weight, logits, bias, index, estimator, seed, offset, training, inverse, weight_layout, block, beta, gamma,
+      zeta, tau):
+    _, out_features, _, _ = check_grouped_masked_linear(x, weight, logits, bias, index, weight_layout, tuple(block),
+                                                        _WHERE)
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("fastmask::grouped_masked_linear_backward", mutates_args=())
+def _grouped_masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                       logits: torch.Tensor, has_bias: bool, index: Optional[torch.Tensor],
+                                       estimator: str, seed: int, offset: int, training: bool, inverse: bool,
+                                       weight_layout: str, block: Sequence[int], beta: float, gamma: float,
+                                       zeta: float, tau: float, needs_input_grad: bool, needs_weight_grad: bool
+                                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_logits, grad_bias); gradients that were not asked for are empty tensors."""
+    n_masks = logits.shape[0]
+    blk = tuple(block)
+    in_out = weight_layout == "in_out"
+    params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    backend = resolve(x.device)
+    logits = logits.contiguous()
+    groups = _TokenGroups(x, index, n_masks)
+    dy2 = _flatten_tokens(grad_out)
+    dyg, xg = groups.gather(dy2), groups.gather(_flatten_tokens(x))
+    grad_x = x.new_empty(0)
+    if needs_input_grad:
+        wm = backend.grouped_masked_weight(weight, logits, blk, params)
+        grad_x = groups.scatter(torch.bmm(dyg, _as_weight_product(wm, in_out).transpose(1, 2)))
+        grad_x = grad_x.reshape(x.shape).to(x.dtype)
+    # dWm_k in the weight's layout; the bmm runs in the activation dtype (fp32 accumulation inside the library
+    # GEMM, as the single-mask extension backend does), then the per-gate reduction reads it in float32.
+    grad_wm = torch.bmm(xg.transpose(1, 2), dyg) if in_out else torch.bmm(dyg.transpose(1, 2), xg)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    grad_wm = grad_wm.to(acc)
+    grad_gates = ref.reduce_to_grid(grad_wm * weight.to(acc), blk, logits.shape).to(ref.compute_dtype(logits))
+    grad_logits = backend.gate_backward(grad_gates, logits, params).to(logits.dtype)  # one launch, all K
+    grad_weight = x.new_empty(0)
+    if needs_weight_grad:
+        mask = ref.expand_gates(backend.gate_forward(logits, params), blk, weight.shape)
+        grad_weight = (grad_wm * mask.to(acc)).sum(0).to(weight.dtype)
+    grad_bias = dy2.sum(0).to(grad_out.dtype) if has_bias else x.new_empty(0)
+    return grad_x, grad_weight, grad_logits, grad_bias
+
+
+@_grouped_masked_linear_backward_op.register_fake
+def _(grad_out, x, weight, logits, has_bias, index, estimator, seed, offset, training, inverse, weight_layout, block,
+      beta, gamma, zeta, tau, needs_input_grad, needs_weight_grad):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else x.new_empty(0),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_weight_grad else x.new_empty(0),
+            torch.empty_like(logits, memory_format=torch.contiguous_format),
+            grad_out.new_empty(grad_out.shape[-1]) if has_bias else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, logits, bias, index, *scalars = inputs
+    ctx.save_for_backward(x, weight, logits, index)
+    ctx.has_bias = bias is not None
+    ctx.scalars = scalars
+
+
+def _backward(ctx, grad_out):
+    x, weight, logits, index = ctx.saved_tensors
+    needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
+    grad_x, grad_weight, grad_logits, grad_bias = _grouped_masked_linear_backward_op(
+        grad_out, x, weight, logits, ctx.has_bias, index, *ctx.scalars, needs_x, needs_weight)
+    return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
+            (grad_logits if needs_logits else None), (grad_bias if needs_bias else None), None) \
+        + (None,) * len(ctx.scalars)
+
+
+_grouped_masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None, *, index: Optional[torch.Tensor] = None,
+                          estimator: str = "hard_concrete", seed: int = 0, offset: int = 0, training: bool = True,
+                          inverse: bool = False, weight_layout: str = "out_in", block: Optional[Sequence[int]] = None,
+                          beta: Optional[float] = None, gamma: float = DEFAULT_GAMMA, zeta: float = DEFAULT_ZETA,
+                          tau: float = DEFAULT_TAU) -> torch.Tensor:
+    """K masked linear layers over one weight in one call: ``y[b] = x[b] (W * m_{index[b]})^T + bias``.
+
+    x: (batch, ..., in_features). weight: (out, in) (``weight_layout="out_in"``) or (in, out) (``"in_out"``, GPT-2
+    Conv1D), read in place. logits (float32, trainable): a stack (K, GR, GC) of gate grids in the weight's layout,
+    one per mask, every granularity of ``masked_linear`` (``block`` inferred when it divides the weight). index:
+    LongTensor (batch,) of mask numbers in [0, K), or None: the batch is K equal contiguous groups, group k using
+    mask k (a pure reshape, no gather). Mask k equals ``masked_linear(..., logits[k], offset=offset + k * GR * GC)``
+    exactly. Gradients flow to x, logits (per mask) and bias; to weight only if it requires grad.
+    """
+    _, _, blk, _ = check_grouped_masked_linear(x, weight, logits, bias, index, weight_layout, block, _WHERE)
+    beta = default_beta(estimator, beta)
+    make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    return _grouped_masked_linear_op(x, weight, logits, bias, index, estimator, seed, offset, bool(training),
+                                     bool(inverse), weight_layout, list(blk), beta, float(gamma), float(zeta),
+                                     float(tau))
