@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from .ops import _backend
+from .ops import _backend, _modes
 
 _OPS = ("uniform", "gate", "masked_linear", "l0_norm")
 
@@ -30,8 +30,11 @@ def info() -> dict:
         "extension": {"available": status.available, "cpu": status.cpu, "cuda": status.cuda,
                       "reason": status.reason},
         "backend_setting": _backend.get_backend(),
+        "deterministic_mode": _modes.is_deterministic(),
+        "check_finite": _modes.get_check_finite(),
         "backends": {},
         "chosen": {},
+        "nondeterminism": {},
     }
     for device in devices:
         report["backends"][device] = {
@@ -44,6 +47,7 @@ def info() -> dict:
             chosen = f"error: {exc}"
         # l0_norm always runs the reference (a memory-bound reduction over the logits).
         report["chosen"][device] = {op: ("reference" if op == "l0_norm" else chosen) for op in _OPS}
+        report["nondeterminism"][device] = _modes.nondeterminism(device, chosen)
     return report
 
 
@@ -54,7 +58,8 @@ def format_info(report: dict) -> str:
              f"triton: {report['triton'] or 'not available'}",
              f"extension fastmask._C: cpu={report['extension']['cpu']} cuda={report['extension']['cuda']} "
              f"({report['extension']['reason']})",
-             f"backend setting: {report['backend_setting']}"]
+             f"backend setting: {report['backend_setting']}",
+             f"deterministic mode: {report['deterministic_mode']}; NaN-logits check: {report['check_finite']}"]
     for device, table in report["backends"].items():
         lines.append(f"[{device}]")
         for name, entry in table.items():
@@ -62,4 +67,6 @@ def format_info(report: dict) -> str:
             lines.append(f"  {name:<10} {mark}  {entry['why']}")
         chosen = report["chosen"][device]
         lines.append("  chosen: " + ", ".join(f"{op}={backend}" for op, backend in chosen.items()))
+        for reason in report["nondeterminism"][device]:
+            lines.append(f"  not deterministic: {reason}")
     return "\n".join(lines)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
+import os
 import sys
 
 # experiment name -> (module, one-line help). Add a row here to add `fastmask run <name>`.
@@ -18,6 +20,30 @@ EXPERIMENTS = {
     "topoprobe": ("fastmask.experiments.topoprobe", "structural and tree-topological probes per layer (Li et al. 2023)"),
     "disentangle": ("fastmask.experiments.disentangle", "one mask per factor to disentangle representations (Zhang et al. 2021)"),
 }
+
+
+def arg_type(convert, test, expected: str):
+    """An argparse ``type=`` that converts a flag's text and checks it: a bad value is a usage error before any
+    work starts, e.g. "argument --lr: expected a finite number > 0, got 'nan'"."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+POSITIVE_INT = arg_type(int, lambda v: v >= 1, "an int >= 1")
+SEED = arg_type(int, lambda v: 0 <= v <= 2**63 - 1, "an int in [0, 2**63 - 1]")
+POSITIVE_FLOAT = arg_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE_FLOAT = arg_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+OUTPUT_DIR = arg_type(str, lambda v: bool(v) and not os.path.isfile(v), "a folder path (not an existing file)")
 
 
 def _experiment_module(name: str):

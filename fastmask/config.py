@@ -148,7 +148,11 @@ class MaskConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "MaskConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"MaskConfig.from_json: not valid JSON ({exc})") from None
+        return cls.from_dict(data)
 
     def module_kwargs(self) -> dict:
         """Keyword arguments of fastmask.nn.MaskedLinear shared by every layer (granularity-specific ones and

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -147,12 +146,13 @@ def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float =
 
 
 def _write_report(out: Path, report: dict, logits: dict) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "report.json")  # atomic: a killed run never leaves a half-written report
-    save_file({name: t.contiguous() for name, t in logits.items()}, str(out / "mask_logits.safetensors"))
+    from .assets import atomic_write_bytes
+
+    # Atomic writes (temporary file + os.replace): a killed run never leaves a half-written file.
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write_bytes(out / "mask_logits.safetensors", save({name: t.contiguous() for name, t in logits.items()}))
     lines = [
         "# fastmask demo: a sparse subnetwork that keeps sentence embeddings", "",
         f"- model: `{report['model']}`; backend: `{report['backend']}`; {report['masked_layers']} masked linear "
@@ -164,7 +164,7 @@ def _write_report(out: Path, report: dict, logits: dict) -> None:
         f"| random | {report['held_out_cosine_random_mask']:.4f} |", "",
         "| layer | sparsity |", "|---|---|",
     ] + [f"| {name} | {value:.1%} |" for name, value in report["per_layer_sparsity"].items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
 
 
 def main(argv=None) -> int:
@@ -176,10 +176,14 @@ def main(argv=None) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local folder or hub id (default: packaged all-MiniLM-L6-v2)")
     parser.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
-    parser.add_argument("--l0-weight", type=float, default=2.0, help="weight of the expected-density penalty")
-    parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the logits")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="fastmask-demo", help="output folder (report.md, report.json, masks)")
+    from .cli import NON_NEGATIVE_FLOAT, OUTPUT_DIR, POSITIVE_FLOAT, SEED
+
+    parser.add_argument("--l0-weight", type=NON_NEGATIVE_FLOAT, default=2.0,
+                        help="weight of the expected-density penalty")
+    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=0.1, help="Adam learning rate of the logits")
+    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--out", type=OUTPUT_DIR, default="fastmask-demo",
+                        help="output folder (report.md, report.json, masks)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -167,9 +167,15 @@ def apply(model: nn.Module, config: Optional[MaskConfig] = None, **overrides) ->
     (``fm.apply(model, granularity="head")``). Returns ``model`` (with ``model.fastmask_config`` set). The weights
     are shared with the original layers (no copy); the logits (float32) are the only trainable parameters.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastmask.apply: model must be a torch.nn.Module, got {type(model).__name__}")
     config = MaskConfig() if config is None else config
     if not isinstance(config, MaskConfig):
         raise TypeError(f"fastmask.apply: config must be a MaskConfig, got {type(config).__name__}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(MaskConfig)})
+    if unknown:
+        raise ValueError(f"fastmask.apply: unknown MaskConfig field(s) {unknown}; known fields: "
+                         f"{sorted(f.name for f in dataclasses.fields(MaskConfig))}")
     if overrides:
         config = dataclasses.replace(config, **overrides)
     config.validate()

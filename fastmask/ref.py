@@ -52,6 +52,7 @@ __all__ = [
     "gate_ref",
     "gate_backward_ref",
     "expand_gates",
+    "flatten_tokens",
     "reduce_to_grid",
     "masked_weight_ref",
     "masked_linear_ref",
@@ -215,6 +216,12 @@ def masked_weight_ref(weight, logits, block, estimator="hard_concrete", seed=0, 
     return (_upcast(weight) * mask.to(_upcast(weight).dtype)).to(weight.dtype)
 
 
+def flatten_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(..., features) -> (tokens, features). The row count is explicit: reshape(-1, 0) is ambiguous when there are
+    no features."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     """float64 stays float64; every other float dtype computes in float32."""
     return t if t.dtype == torch.float64 else t.float()
@@ -245,8 +252,8 @@ def masked_linear_backward_ref(grad_out, x, weight, logits, bias=None, estimator
     wm = (_upcast(weight) * mask.to(_upcast(weight).dtype)).to(weight.dtype)
     grad_x = (grad_out @ _as_out_in(wm, weight_layout)).to(x.dtype)
 
-    dy2 = _upcast(grad_out.reshape(-1, grad_out.shape[-1]))
-    x2 = _upcast(x.reshape(-1, x.shape[-1]))
+    dy2 = _upcast(flatten_tokens(grad_out))
+    x2 = _upcast(flatten_tokens(x))
     grad_wm = _as_out_in(dy2.t() @ x2, weight_layout)  # in the weight's layout, float32 (float64)
     per_weight = (grad_wm * _upcast(weight)).to(gates.dtype)
     grad_gates = reduce_to_grid(per_weight, block, logits.shape)

@@ -135,6 +135,17 @@ _INTERPRET_MW = interpreted(_masked_weight_kernel)
 MASKED_WEIGHT_TILE = (16, 128, 4)
 
 
+def grid_shape(weight: torch.Tensor, logits: torch.Tensor, block) -> tuple[int, int, int, int]:
+    """(bh, bw, grid rows, grid cols), checked: the kernels index the gate grid without bounds checks, so a grid
+    that does not fit the weight would read out of bounds (an illegal memory access on a GPU)."""
+    rows, cols = weight.shape
+    bh, bw = int(block[0]), int(block[1])
+    if logits.dim() != 2 or bh < 1 or bw < 1 or tuple(logits.shape) != (triton.cdiv(rows, bh), triton.cdiv(cols, bw)):
+        raise ValueError(f"fastmask.kernels: logits grid {tuple(logits.shape)} does not match weight "
+                         f"{tuple(weight.shape)} with block {(bh, bw)}")
+    return bh, bw, logits.shape[0], logits.shape[1]
+
+
 def masked_weight(weight: torch.Tensor, logits: torch.Tensor, block: tuple[int, int], p, tile=None,
                   gates: torch.Tensor | None = None) -> torch.Tensor:
     """W * m (contiguous, weight dtype and layout; fastmask.ref.masked_weight_ref) from the gate grid ``logits``.
@@ -143,7 +154,7 @@ def masked_weight(weight: torch.Tensor, logits: torch.Tensor, block: tuple[int, 
     per-weight pass only reads them; per-weight grids regenerate the noise per element."""
     logits = logits.contiguous()
     rows, cols = weight.shape
-    grid_r, grid_c = logits.shape
+    _, _, grid_r, grid_c = grid_shape(weight, logits, block)
     out = torch.empty((rows, cols), dtype=weight.dtype, device=weight.device)
     if out.numel() == 0:
         return out

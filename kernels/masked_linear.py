@@ -9,7 +9,8 @@ multiplies it by W and the regenerated gate slope and writes d(logits) (summed o
 atomics only where a block spans tiles) and grad_weight: dWm never reaches memory.
 Limits: strategy="auto" writes W * m once (weight dtype) and calls cuBLAS for y and grad_x instead, since that
 was measured faster on an H100 (policy below); fp64 has no tensor-core path (broadcast-multiply reduction:
-gradcheck sizes); atomics make the d(logits) summation order non-deterministic.
+gradcheck sizes); atomics make the d(logits) summation order non-deterministic, so deterministic mode
+(fastmask.set_deterministic) runs ``_mask_grad_fixed_order`` wherever the kernel would use them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import triton.language as tl
 
 from ._gate_math import NO_SPECIALIZE, _cast, _f64_param, _gates_at, _grid_gate_slope, _mma, compute_dtype, \
     device_guard, interpreted, param_bits, tl_dtype
-from .gate import gate_forward, masked_weight
+from .gate import gate_backward, gate_forward, grid_shape, masked_weight
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,16 +306,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _grid_shape(weight: torch.Tensor, logits: torch.Tensor, block) -> tuple[int, int, int, int]:
-    rows, cols = weight.shape
-    bh, bw = int(block[0]), int(block[1])
-    grid_r, grid_c = logits.shape
-    if grid_r != triton.cdiv(rows, bh) or grid_c != triton.cdiv(cols, bw):
-        raise ValueError(f"fastmask.kernels: logits grid {tuple(logits.shape)} does not match weight "
-                         f"{tuple(weight.shape)} with block {(bh, bw)}")
-    return bh, bw, grid_r, grid_c
-
-
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -336,7 +327,7 @@ def _masked_gemm(a: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, ga
     """C = A @ B with B[q, p] the masked weight; the weight's rows are B's q (r_is_q) or B's p. ``gates``: the
     precomputed gate grid (block / unit grids) or None (gates regenerated per element from the logits)."""
     rows, cols = weight.shape
-    bh, bw, grid_r, grid_c = _grid_shape(weight, logits, block)
+    bh, bw, grid_r, grid_c = grid_shape(weight, logits, block)
     tokens = a.shape[0]
     q_size, p_size = (rows, cols) if r_is_q else (cols, rows)
     out = torch.empty((tokens, p_size), dtype=out_dtype, device=a.device)
@@ -380,7 +371,7 @@ def _mask_grad(grad_out, x, weight, logits, block, in_out: bool, p, needs_weight
                config: Optional[GemmConfig]):
     """(grad_logits, grad_weight or None) from the fused dWm GEMM with its d(logits) epilogue."""
     rows, cols = weight.shape
-    bh, bw, grid_r, grid_c = _grid_shape(weight, logits, block)
+    bh, bw, grid_r, grid_c = grid_shape(weight, logits, block)
     a, b = (x, grad_out) if in_out else (grad_out, x)
     if b.dtype != a.dtype:
         b = b.to(a.dtype)
@@ -400,6 +391,8 @@ def _mask_grad(grad_out, x, weight, logits, block, in_out: bool, p, needs_weight
         gl = torch.empty((grid_r, grid_c), dtype=logits.dtype, device=logits.device)
     if rows * cols == 0:
         return gl.zero_().to(logits.dtype), grad_weight
+    if use_atomic and _deterministic_mode():
+        return _mask_grad_fixed_order(a, b, weight, logits, block, p, needs_weight_grad)
     grid = (triton.cdiv(rows, cfg.block_a) * triton.cdiv(cols, cfg.block_b),)
     with device_guard(a):
         _mask_grad_kernel[grid](
@@ -414,6 +407,26 @@ def _mask_grad(grad_out, x, weight, logits, block, in_out: bool, p, needs_weight
             BLOCK_C=cfg.block_b, BLOCK_M=cfg.block_k, GROUP_R=cfg.group, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     return gl.to(logits.dtype), grad_weight
+
+
+def _deterministic_mode() -> bool:
+    from fastmask.ops._modes import is_deterministic  # the package's switch (fm.set_deterministic)
+
+    return is_deterministic()
+
+
+def _mask_grad_fixed_order(a, b, weight, logits, block, p, needs_weight_grad: bool):
+    """Deterministic mode's stand-in for an atomic _mask_grad launch, same results up to rounding: dWm = A^T B by
+    one library GEMM in the accumulator dtype, the block sums by a fixed-order torch reduction, the slopes by the
+    gate kernel. Costs what the fused epilogue saves: dWm (R x C, float32) in memory once."""
+    from fastmask.ref import reduce_to_grid
+
+    acc = _acc_dtype(a.dtype)
+    grad_wm = a.to(acc).t() @ b.to(acc)  # (R, C): the weight's layout
+    per_weight = (grad_wm * weight.to(acc)).to(compute_dtype(logits))
+    grad_logits = gate_backward(reduce_to_grid(per_weight, block, logits.shape), logits, p)
+    grad_weight = masked_weight(grad_wm, logits, block, p).to(weight.dtype) if needs_weight_grad else None
+    return grad_logits.to(logits.dtype), grad_weight
 
 
 def _masked_matmul(a, weight, logits, bias, block, r_is_q: bool, p, out_dtype, strategy: str,

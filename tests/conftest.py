@@ -65,3 +65,25 @@ def assert_within_pytorch_error(out, oracle, pytorch_out, name: str, rel_floor: 
     err, base = max_err(out, oracle), max_err(pytorch_out, oracle)
     bound = 2 * base + rel_floor * max(scale, 1.0)
     assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (PyTorch's own error {base:.3e})"
+
+
+# Binary gates whose decision value is this close to its threshold may flip between backends with the last bit of
+# exp / log (the noise bits themselves are identical); comparisons of binary gates leave them out.
+DECISION_MARGIN = 1e-4
+
+
+def decision_distance(logits: torch.Tensor, estimator: str, seed: int, offset: int, tau: float = 0.0
+                      ) -> torch.Tensor:
+    """How far each training-mode gate is from its hard decision (float64, CPU, logits' shape):
+    |l + logit(u)| (gumbel_sigmoid_st), |u - sigmoid(l)| (bernoulli_st), |l - tau| (threshold_st); +inf for the
+    continuous hard_concrete gates."""
+    l = logits.detach().double().cpu()
+    u = fm.ref.uniform_ref(l.shape, seed, offset).double()
+    if estimator == "gumbel_sigmoid_st":
+        clamped = u.clamp(fm.ref.UNIFORM_EPS, 1 - fm.ref.UNIFORM_EPS)
+        return (l + torch.log(clamped) - torch.log1p(-clamped)).abs()
+    if estimator == "bernoulli_st":
+        return (u - torch.sigmoid(l)).abs()
+    if estimator == "threshold_st":
+        return (l - tau).abs()
+    return torch.full_like(l, float("inf"))

@@ -46,7 +46,7 @@ from torch import nn
 from ..config import GRANULARITIES
 from ..ops import gate, grouped_masked_linear, masked_linear
 from ..ops._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta
-from ..ops._validate import check_gate_params, estimator_code
+from ..ops._validate import check_float_tensor, check_gate_params, estimator_code
 from ..ref import expand_gates, mask_offset
 
 HEAD_SIDES = ("in", "out")
@@ -61,6 +61,9 @@ def _grid(granularity: str, rows: int, cols: int, in_out: bool, block: Sequence[
     if granularity == "weight":
         return (rows, cols), (1, 1)
     if granularity == "block":
+        if (not isinstance(block, (tuple, list)) or len(block) != 2
+                or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block)):
+            raise ValueError(f"MaskedLinear: block must be two positive ints (bh, bw), got {block!r}")
         bh, bw = tuple(block)[::-1] if in_out else tuple(block)
         return (math.ceil(rows / bh), math.ceil(cols / bw)), (bh, bw)
     if granularity == "layer":
@@ -70,7 +73,7 @@ def _grid(granularity: str, rows: int, cols: int, in_out: bool, block: Sequence[
         # Input units are the columns of an (out, in) weight and the rows of an (in, out) one.
         units_are_cols = (head_side == "in") != in_out
         n_units = cols if units_are_cols else rows
-        if head_dim is None or n_units % head_dim:
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1 or n_units % head_dim:
             side = "input" if head_side == "in" else "output"
             raise ValueError(f"MaskedLinear: granularity='head' needs head_dim dividing the {n_units} {side} units, "
                              f"got head_dim={head_dim}")
@@ -118,6 +121,14 @@ class MaskedLinear(nn.Module):
             raise ValueError(f"MaskedLinear: head_side must be one of {HEAD_SIDES}, got {head_side!r}")
         if weight.dim() != 2:
             raise ValueError(f"MaskedLinear: weight must be 2-D, got shape {list(weight.shape)}")
+        check_float_tensor(weight, "weight", "MaskedLinear")
+        out_features = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_features,)
+                                 or bias.dtype != weight.dtype or bias.device != weight.device):
+            found = (f"{type(bias).__name__}" if not isinstance(bias, torch.Tensor)
+                     else f"shape {list(bias.shape)}, {bias.dtype} on {bias.device}")
+            raise ValueError(f"MaskedLinear: bias must be None or a tensor of shape [{out_features}] with the weight's "
+                             f"dtype and device ({weight.dtype} on {weight.device}), got {found}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1:
             raise ValueError(f"MaskedLinear: seed must be an int in [0, 2**63 - 1], got {seed!r}")
         if isinstance(n_masks, bool) or not isinstance(n_masks, int) or n_masks < 1:
@@ -133,7 +144,7 @@ class MaskedLinear(nn.Module):
         self.weight_layout, self.estimator, self.granularity = weight_layout, estimator, granularity
         self.beta, self.gamma, self.zeta, self.tau = default_beta(estimator, beta), float(gamma), float(zeta), \
             float(tau)
-        check_gate_params(self.beta, self.gamma, self.zeta, "MaskedLinear")
+        check_gate_params(self.beta, self.gamma, self.zeta, "MaskedLinear", self.tau)
         self.seed = int(seed)
         self.head_dim = None if head_dim is None else int(head_dim)
         self.head_side = head_side
@@ -144,6 +155,8 @@ class MaskedLinear(nn.Module):
             if init_keep is None:
                 raise ValueError("MaskedLinear: pass init_keep (a probability in (0, 1)) or init_logit")
             init_logit = self._logit_for_keep(init_keep)
+        if isinstance(init_logit, bool) or not isinstance(init_logit, (int, float)) or not math.isfinite(init_logit):
+            raise ValueError(f"MaskedLinear: init_logit must be a finite number, got {init_logit!r}")
         shape = grid if n_masks == 1 else (n_masks,) + tuple(grid)  # one grid, or a stack of K (one noise stream)
         self.logits = nn.Parameter(torch.full(shape, float(init_logit), dtype=torch.float32, device=weight.device))
         self.mask_index = None  # K masks: which mask each batch row uses (fastmask.mask_index); see module doc

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .._params import GateParams
-from ._validate import check_gate_params, check_seed_offset, estimator_code
+from ._validate import check_flag, check_gate_params, check_seed_offset, estimator_code
 
 # Temperature defaults: hard concrete as in Louizos et al. (2018); Gumbel-sigmoid at temperature 1 as in the
 # knowledge-critical-subnetwork recipe (Bayazit et al. 2024). Other estimators ignore beta.
@@ -22,6 +22,8 @@ def make_params(estimator: str, seed: int, offset: int, beta: float, gamma: floa
     """Validate the scalar arguments of an op and pack them for the backends."""
     code = estimator_code(estimator, where)
     check_seed_offset(seed, offset, where)
-    check_gate_params(beta, gamma, zeta, where)
+    check_gate_params(beta, gamma, zeta, where, tau)
+    check_flag(training, "training", where)
+    check_flag(inverse, "inverse", where)
     return GateParams(code, int(seed), int(offset), float(beta), float(gamma), float(zeta), float(tau),
                       bool(training), bool(inverse))

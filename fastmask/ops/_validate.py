@@ -29,12 +29,21 @@ def check_seed_offset(seed: int, offset: int, where: str) -> None:
             raise ValueError(f"{where}: {name} must be in [0, 2**63 - 1], got {value}")
 
 
-def check_gate_params(beta: float, gamma: float, zeta: float, where: str) -> None:
+def check_gate_params(beta: float, gamma: float, zeta: float, where: str, tau: float = 0.0) -> None:
+    for name, value in (("beta", beta), ("gamma", gamma), ("zeta", zeta), ("tau", tau)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
     if not beta > 0:
         raise ValueError(f"{where}: beta (the temperature) must be > 0, got {beta}")
     if not (gamma < 0 and zeta > 1):
         raise ValueError(f"{where}: the stretch interval must satisfy gamma < 0 < 1 < zeta, got gamma={gamma}, "
                          f"zeta={zeta}")
+
+
+def check_flag(value: bool, name: str, where: str) -> None:
+    """A bool argument (training, inverse): a string or a tensor would be silently truthy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be a bool (True or False), got {value!r}")
 
 
 def check_float_tensor(t: torch.Tensor, name: str, where: str) -> None:
@@ -75,7 +84,9 @@ def resolve_block(logits_shape: Sequence[int], weight_shape: Sequence[int], bloc
     if list(logits_shape) != expected:
         raise ValueError(f"{where}: logits must have shape {expected} for weight {list(weight_shape)} with block "
                          f"({bh}, {bw}), got {list(logits_shape)}")
-    return bh, bw
+    # A block larger than the weight covers all of it: the same gates as a block of the weight's size, without
+    # the kernels' index arithmetic (or the reference's repeat_interleave) ever seeing a huge block.
+    return min(bh, max(rows, 1)), min(bw, max(cols, 1))
 
 
 def check_masked_linear(x, weight, logits, bias, weight_layout, block, where="fastmask.ops.masked_linear"):

@@ -12,6 +12,7 @@ import torch
 from ..ref import compute_dtype
 from ._backend import resolve
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
+from ._modes import refuse_nan
 from ._validate import check_float_tensor
 
 _WHERE = "fastmask.ops.gate"
@@ -22,6 +23,7 @@ def _gate_op(logits: torch.Tensor, estimator: str, seed: int, offset: int, beta:
              tau: float, training: bool, inverse: bool) -> torch.Tensor:
     check_float_tensor(logits, "logits", _WHERE)
     params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    refuse_nan(logits, "logits", _WHERE)
     return resolve(logits.device).gate_forward(logits.contiguous(), params)
 
 

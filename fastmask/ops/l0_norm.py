@@ -8,6 +8,7 @@ import torch
 
 from .. import ref
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta
+from ._modes import refuse_nan
 from ._validate import check_float_tensor, check_gate_params, estimator_code
 
 _WHERE = "fastmask.ops.l0_norm"
@@ -16,6 +17,7 @@ _WHERE = "fastmask.ops.l0_norm"
 @torch.library.custom_op("fastmask::l0_norm", mutates_args=())
 def _l0_norm_op(logits: torch.Tensor, estimator: str, beta: float, gamma: float, zeta: float, tau: float
                 ) -> torch.Tensor:
+    refuse_nan(logits, "logits", _WHERE)
     # O(#logits) elementwise + one reduction: the reference is already memory-bound, no kernel needed.
     return ref.l0_norm_ref(logits, estimator, beta, gamma, zeta, tau)
 
@@ -50,5 +52,5 @@ def l0_norm(logits: torch.Tensor, beta: Optional[float] = None, gamma: float = D
     check_float_tensor(logits, "logits", _WHERE)
     estimator_code(estimator, _WHERE)
     beta = default_beta(estimator, beta)
-    check_gate_params(beta, gamma, zeta, _WHERE)
+    check_gate_params(beta, gamma, zeta, _WHERE, tau)
     return _l0_norm_op(logits, estimator, beta, float(gamma), float(zeta), float(tau))

@@ -11,15 +11,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..ref import flatten_tokens
 from ._backend import resolve
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
+from ._modes import refuse_nan
 from ._validate import check_masked_linear
 
 _WHERE = "fastmask.ops.masked_linear"
-
-
-def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
 
 
 @torch.library.custom_op("fastmask::masked_linear", mutates_args=())
@@ -28,7 +26,8 @@ def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tenso
                       block: Sequence[int], beta: float, gamma: float, zeta: float, tau: float) -> torch.Tensor:
     _, out_features, blk = check_masked_linear(x, weight, logits, bias, weight_layout, tuple(block), _WHERE)
     params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
-    y = resolve(x.device).masked_linear_forward(_flatten_tokens(x), weight, logits.contiguous(), bias, blk,
+    refuse_nan(logits, "logits", _WHERE)
+    y = resolve(x.device).masked_linear_forward(flatten_tokens(x), weight, logits.contiguous(), bias, blk,
                                                 weight_layout == "in_out", params)
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -49,7 +48,7 @@ def _masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: 
     """(grad_x, grad_weight, grad_logits, grad_bias); gradients that were not asked for are empty tensors."""
     params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
     grad_x, grad_weight, grad_logits, grad_bias = resolve(x.device).masked_linear_backward(
-        _flatten_tokens(grad_out), _flatten_tokens(x), weight, logits.contiguous(), has_bias, tuple(block),
+        flatten_tokens(grad_out), flatten_tokens(x), weight, logits.contiguous(), has_bias, tuple(block),
         weight_layout == "in_out", params, needs_input_grad, needs_weight_grad)
     # Placeholders must be distinct tensors: custom-op outputs may not alias each other.
     return (grad_x.reshape(x.shape).to(x.dtype) if needs_input_grad else x.new_empty(0),

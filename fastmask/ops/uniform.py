@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -31,7 +32,10 @@ def uniform(shape: Sequence[int], seed: int = 0, offset: int = 0, device: Option
     """
     if isinstance(shape, int):
         shape = (shape,)
-    shape = tuple(int(s) for s in shape)
+    try:  # operator.index: ints (and torch.Size / numpy ints) only; int(2.5) would silently truncate
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"fastmask.ops.uniform: shape must be a sequence of ints, got {shape!r}") from None
     if any(s < 0 for s in shape):
         raise ValueError(f"fastmask.ops.uniform: shape must be non-negative, got {list(shape)}")
     check_seed_offset(seed, offset, "fastmask.ops.uniform")

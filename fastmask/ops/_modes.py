@@ -1,0 +1,86 @@
+"""Process-wide switches of the ops: deterministic mode and the NaN-logits check.
+
+    fm.set_deterministic(True)      # or torch.use_deterministic_algorithms(True), or FASTMASK_DETERMINISTIC=1
+    fm.set_check_finite(True)       # also check CUDA logits (a device sync per op call); "auto" is the default
+
+Deterministic mode: every op gives the same bits run after run on the same machine. Only one path needs it: the
+Triton mask-gradient kernel sums d(logits) with atomic adds when a gate block spans several tiles (see
+``nondeterminism`` below); in deterministic mode that case runs a fixed-order fallback instead.
+
+NaN check: a NaN logit has no gate (hard concrete would give a NaN mask, the straight-through estimators a silent 0,
+and backends disagree), so the ops refuse NaN logits before any kernel starts. Reading the answer of
+``isnan(logits).any()`` costs a device synchronisation on a GPU (about the time of a small kernel, per layer per
+call), so "auto" checks every call on CPU tensors and, on GPUs, only when asked (``set_check_finite(True)`` or
+FASTMASK_CHECK_FINITE=1). +-inf logits are valid (gates exactly 0 or 1, zero slopes).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import torch
+
+def _env_check_finite() -> Union[bool, str]:
+    value = os.environ.get("FASTMASK_CHECK_FINITE", "auto").strip().lower()
+    return {"1": True, "true": True, "0": False, "false": False}.get(value, "auto")
+
+
+_deterministic = os.environ.get("FASTMASK_DETERMINISTIC", "0").strip().lower() in ("1", "true")
+_check_finite: Union[bool, str] = _env_check_finite()
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic mode on or off for every fastmask op (``torch.use_deterministic_algorithms(True)`` turns it on
+    too). On: the Triton mask gradient never uses atomic adds (fixed-order fallback where it would)."""
+    global _deterministic
+    if not isinstance(enabled, bool):
+        raise TypeError(f"fastmask.set_deterministic: enabled must be a bool, got {enabled!r}")
+    _deterministic = enabled
+
+
+def is_deterministic() -> bool:
+    """Whether the ops run in deterministic mode (fm.set_deterministic or torch.use_deterministic_algorithms)."""
+    return _deterministic or torch.are_deterministic_algorithms_enabled()
+
+
+def set_check_finite(mode: Union[bool, str]) -> None:
+    """When the ops refuse NaN logits: "auto" (default; CPU tensors every call, GPU tensors never: no device
+    sync), True (every call on every device: one device sync per op call on GPUs) or False (never)."""
+    global _check_finite
+    if not (mode is True or mode is False or mode == "auto"):
+        raise ValueError(f"fastmask.set_check_finite: mode must be True, False or 'auto', got {mode!r}")
+    _check_finite = mode
+
+
+def get_check_finite() -> Union[bool, str]:
+    """The NaN-check setting (True, False or "auto")."""
+    return _check_finite
+
+
+def refuse_nan(t: torch.Tensor, name: str, where: str) -> None:
+    """Raise ValueError when ``t`` holds a NaN, if the setting checks tensors on t's device (see module doc)."""
+    if _check_finite is False or (_check_finite == "auto" and t.device.type != "cpu") or t.numel() == 0:
+        return
+    if t.device.type == "meta" or not t.dtype.is_floating_point:
+        return
+    if bool(torch.isnan(t).any()):
+        count = int(torch.isnan(t).sum())
+        raise ValueError(f"{where}: {name} contains {count} NaN value(s) of {t.numel()}: a NaN logit has no gate "
+                         f"(the training diverged? lower the learning rate, or check the loaded masks); +-inf "
+                         f"logits are fine")
+
+
+def nondeterminism(device_type: str, backend: str) -> list[str]:
+    """What makes masked_linear's results vary run to run with this backend on this device type, in the current
+    mode (an empty list: nothing known). Reported by fm.info()."""
+    reasons = []
+    if backend == "triton" and device_type == "cuda" and not is_deterministic():
+        reasons.append("masked_linear backward (Triton): d(logits) of a gate block that spans several tiles (unit, "
+                       "head, layer and large or non-power-of-two block masks) is summed with atomic adds in a "
+                       "varying order, so its last bits vary run to run; fm.set_deterministic(True) (or "
+                       "torch.use_deterministic_algorithms(True)) runs a fixed-order fallback instead")
+    if device_type == "cuda" and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        reasons.append("the GEMMs around the mask kernels are cuBLAS calls: run-to-run deterministic with several "
+                       "CUDA streams only with CUBLAS_WORKSPACE_CONFIG=:4096:8 (torch's reproducibility notes)")
+    return reasons
