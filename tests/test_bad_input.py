@@ -98,7 +98,7 @@ def test_nan_logits_are_refused_before_any_kernel(device, backend, monkeypatch):
             calls.append(dev)
             return real(dev)
 
-        for module in ("fastmask.ops.gate", "fastmask.ops.masked_linear"):
+        for module in ("fastmask.ops.gate", "fastmask.ops.masked_linear", "fastmask.ops.grouped_masked_linear"):
             monkeypatch.setattr(importlib.import_module(module), "resolve", spy)
         for estimator in fm.ref.ESTIMATORS:
             with pytest.raises(ValueError, match="ops.gate: logits contains 1 NaN value"):
@@ -107,6 +107,9 @@ def test_nan_logits_are_refused_before_any_kernel(device, backend, monkeypatch):
                 fm.ops.masked_linear(x, weight, logits, estimator=estimator)
             with pytest.raises(ValueError, match="ops.l0_norm: logits contains 1 NaN value"):
                 fm.ops.l0_norm(logits, estimator=estimator)
+            with pytest.raises(ValueError, match="ops.grouped_masked_linear: logits contains 1 NaN value"):
+                fm.ops.grouped_masked_linear(x, weight, torch.stack([logits, logits.nan_to_num()]),
+                                             estimator=estimator)  # two masks, one per half of the batch
         assert calls == []
         layer = fm.MaskedLinear(weight)
         with torch.no_grad():

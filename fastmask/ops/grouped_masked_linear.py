@@ -25,6 +25,7 @@ import torch
 from .. import ref
 from ._backend import resolve
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
+from ._modes import refuse_nan
 from ._validate import check_grouped_masked_linear, check_index_values
 
 _WHERE = "fastmask.ops.grouped_masked_linear"
@@ -64,12 +65,8 @@ class _TokenGroups:
 
     def scatter(self, tg: torch.Tensor) -> torch.Tensor:
         """(K, G, D) -> (T, D), the inverse of gather."""
-        flat = tg.reshape(-1, tg.shape[-1])
+        flat = ref.flatten_tokens(tg)
         return flat if self.slots is None else flat.index_select(0, self.slots)
-
-
-def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
 
 
 def _as_weight_product(wm: torch.Tensor, in_out: bool) -> torch.Tensor:
@@ -86,9 +83,10 @@ def _grouped_masked_linear_op(x: torch.Tensor, weight: torch.Tensor, logits: tor
                                                                 tuple(block), _WHERE)
     check_index_values(index, n_masks, _WHERE)
     params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    refuse_nan(logits, "logits", _WHERE)
     wm = resolve(x.device).grouped_masked_weight(weight, logits.contiguous(), blk, params)
     groups = _TokenGroups(x, index, n_masks)
-    xg = groups.gather(_flatten_tokens(x))
+    xg = groups.gather(ref.flatten_tokens(x))
     rhs = _as_weight_product(wm, weight_layout == "in_out")
     yg = torch.bmm(xg, rhs) if bias is None else torch.baddbmm(bias, xg, rhs)
     return groups.scatter(yg).reshape(*x.shape[:-1], out_features)
@@ -117,8 +115,8 @@ def _grouped_masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, 
     backend = resolve(x.device)
     logits = logits.contiguous()
     groups = _TokenGroups(x, index, n_masks)
-    dy2 = _flatten_tokens(grad_out)
-    dyg, xg = groups.gather(dy2), groups.gather(_flatten_tokens(x))
+    dy2 = ref.flatten_tokens(grad_out)
+    dyg, xg = groups.gather(dy2), groups.gather(ref.flatten_tokens(x))
     grad_x = x.new_empty(0)
     if needs_input_grad:
         wm = backend.grouped_masked_weight(weight, logits, blk, params)
