@@ -28,6 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .assets import atomic_write_bytes
 from .config import MaskConfig
 from .hf import apply, head_dim, layer_role, model_family
 from .nn.masked_linear import MaskedLinear, _is_conv1d, masked_layers
@@ -123,20 +124,6 @@ def _fingerprint_differences(saved: dict, model: nn.Module, names) -> list[tuple
 
 
 # --- save / load --------------------------------------------------------------------------------------------
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -172,7 +159,7 @@ def save_masks(model: nn.Module, path: PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     return masks_path
 
 
@@ -188,7 +175,11 @@ def read_mask_metadata(path: PathLike) -> dict:
         if not needed.is_file():
             raise FileNotFoundError(f"fastmask.load_masks: {needed} does not exist (expected {MASKS_FILE} and "
                                     f"{META_FILE} in a directory, or <stem>.safetensors and <stem>.json)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"fastmask.load_masks: {meta_path} is not valid JSON ({exc}): a truncated or corrupted "
+                         f"file?") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"fastmask.load_masks: {meta_path} is not fastmask mask metadata (format "
                          f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
@@ -197,7 +188,30 @@ def read_mask_metadata(path: PathLike) -> dict:
         raise ValueError(f"fastmask.load_masks: {meta_path} has format version {version!r}, written by fastmask "
                          f"{meta.get('fastmask_version')}; this fastmask ({_fastmask_version()}) reads versions <= "
                          f"{FORMAT_VERSION}: upgrade fastmask")
+    for key, kind in (("layers", dict), ("fingerprint", dict), ("masks_sha256", str)):
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"fastmask.load_masks: {meta_path} lacks a valid {key!r} entry (expected a "
+                             f"{kind.__name__}, got {type(meta.get(key)).__name__}): a corrupted or hand-edited file?")
     return meta
+
+
+def _read_logits(masks_path: Path) -> dict[str, torch.Tensor]:
+    """The logits of a masks file: safetensors only (no pickle, no code runs), float tensors without NaN."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(masks_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"fastmask.load_masks: {masks_path} is not a readable safetensors file ({exc}): a "
+                         f"truncated or corrupted file?") from None
+    for name, tensor in tensors.items():
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"fastmask.load_masks: {masks_path}: logits of {name} are {tensor.dtype}, expected a "
+                             f"float dtype")
+        if bool(torch.isnan(tensor).any()):
+            raise ValueError(f"fastmask.load_masks: {masks_path}: logits of {name} contain NaN (a diverged run?)")
+    return tensors
 
 
 def load_masks(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.Module:
@@ -208,8 +222,6 @@ def load_masks(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.M
     (class, parameter names and shapes, masked weights' sha256); ``strict=False`` turns a mismatch of the class
     or of the weights into a warning (shapes must still match). Noise seeds and steps are restored too.
     """
-    from safetensors.torch import load_file
-
     meta = read_mask_metadata(path)
     masks_path, meta_path = _paths(path)
     if meta.get("masks_sha256") != _file_sha256(masks_path):
@@ -245,7 +257,7 @@ def load_masks(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.M
             if here[key] != saved_value:
                 raise ValueError(f"fastmask.load_masks: layer {name}: {key} is {here[key]!r} here but "
                                  f"{saved_value!r} in the saved masks")
-    tensors = load_file(str(masks_path), device="cpu")
+    tensors = _read_logits(masks_path)
     if set(tensors) != set(saved_layers):
         raise ValueError(f"fastmask.load_masks: {masks_path} holds other tensors than its metadata lists")
     with torch.no_grad():
