@@ -1,4 +1,4 @@
-"""`fastmask` command line: `fastmask info`, `fastmask demo`, `fastmask run <experiment>`.
+"""`fastmask` command line: `fastmask info`, `fastmask demo`, `fastmask run <experiment>`, `fastmask bench`.
 
 Each experiment is a module of `fastmask.experiments` exposing `add_arguments(parser)` and
 `run_from_args(args) -> int`; it is imported only when its command runs (or `--help` lists it), so a missing
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = sub.add_parser("demo", help="learn a sparse mask over a packaged pretrained encoder")
     demo.add_arguments(demo_parser)
 
+    from .bench import cli as bench_cli
+
+    bench_parser = sub.add_parser("bench", help="benchmark suite: layer grid and GPT-2 steps; `bench report` for "
+                                                "the README table")
+    bench_cli.add_arguments(bench_parser)
+
     run_parser = sub.add_parser("run", help="run a research experiment (see `fastmask run --help`)")
     experiments = run_parser.add_subparsers(dest="experiment", required=True)
     for name, (module_name, help_text) in EXPERIMENTS.items():
@@ -90,6 +96,10 @@ def main(argv=None) -> int:
         from . import demo
 
         return demo.run_from_args(args)
+    if args.command == "bench":
+        from .bench import cli as bench_cli
+
+        return bench_cli.run_from_args(args)
     if args.command == "run":
         if getattr(args, "_unavailable", None):
             parser.error(args._unavailable)
