@@ -103,7 +103,12 @@ def main(argv=None) -> int:
     if args.command == "run":
         if getattr(args, "_unavailable", None):
             parser.error(args._unavailable)
-        return _experiment_module(args.experiment).run_from_args(args)
+        from .experiments.runner import ConfigError
+
+        try:
+            return _experiment_module(args.experiment).run_from_args(args)
+        except ConfigError as error:  # a bad flag or config file value: a usage error (exit 2), no traceback
+            parser.error(f"run {args.experiment}: {error}")
     parser.error(f"unknown command {args.command!r}")
     return 2
 

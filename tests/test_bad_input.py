@@ -351,3 +351,23 @@ def test_cli_refuses_an_output_path_that_is_a_file(tmp_path, capsys, monkeypatch
     assert "argument --out: expected a folder path (not an existing file)" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         cli.main(["demo", "--steps", "0"])
+
+
+def test_cli_run_reports_bad_experiment_flags_as_usage_errors(capsys, monkeypatch):
+    import sys
+    import types
+
+    from fastmask.experiments import runner
+
+    experiment = types.ModuleType("fastmask_test_experiment")
+    experiment.add_arguments = lambda parser: runner.add_config_arguments(parser, runner.RunConfig)
+    experiment.run_from_args = lambda args: (runner.config_from_args(runner.RunConfig, args, "toy"),
+                                             pytest.fail("the experiment must not start"))
+    monkeypatch.setitem(sys.modules, experiment.__name__, experiment)
+    monkeypatch.setitem(cli.EXPERIMENTS, "toy", (experiment.__name__, "a test experiment"))
+    for argv, message in ((["--steps", "0"], "steps must be an int >= 1, got 0"),
+                          (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["run", "toy", *argv])
+        assert exit_info.value.code == 2
+        assert f"run toy: {message}" in capsys.readouterr().err
