@@ -1,9 +1,11 @@
 """Untrusted files (issue 8): masks and configs load without running code (safetensors + JSON only, nothing in the
 package unpickles), and a corrupt, truncated, hand-edited or malicious file is refused with a message naming the
-file, before anything is loaded. (Another base model, other shapes and a newer format version: tests/test_io.py.)"""
+file, before anything is loaded; so are run checkpoints of a newer format or holding a pickle. (Masks of another
+base model, other shapes or a newer format version: tests/test_io.py.)"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -149,3 +151,29 @@ def test_mask_files_with_nan_or_integer_logits_are_refused(tmp_path):
     loaded = fm.load_masks(_fresh(), folder)
     for name, layer in fm.masked_modules(loaded).items():
         assert torch.equal(layer.logits, fm.masked_modules(model)[name].logits)
+
+
+def _resign(folder: Path, payload: dict) -> None:
+    """Rewrite a checkpoint's state.json with a valid self-checksum (what an attacker controlling it can do)."""
+    from fastmask.experiments import runner
+
+    payload = {k: v for k, v in payload.items() if k != "json_sha256"}
+    payload["json_sha256"] = hashlib.sha256(runner._canonical(payload)).hexdigest()
+    (folder / "state.json").write_text(json.dumps(payload))
+
+
+def test_checkpoints_of_a_newer_format_or_holding_a_pickle_are_refused(tmp_path):
+    from fastmask.experiments.runner import CheckpointError, TrainState, read_checkpoint, save_checkpoint
+
+    folder = save_checkpoint(TrainState(params={"w": torch.randn(3, 2)}, step=4), tmp_path / "step-00000004")
+    payload = json.loads((folder / "state.json").read_text())
+    _resign(folder, dict(payload, version=payload["version"] + 1))
+    with pytest.raises(CheckpointError, match="format version .* is newer .* upgrade fastmask"):
+        read_checkpoint(folder)
+    marker = tmp_path / "code-ran"
+    blob = pickle.dumps({"w": _Payload(marker)})
+    (folder / "state.safetensors").write_bytes(blob)
+    _resign(folder, dict(payload, tensors_sha256=hashlib.sha256(blob).hexdigest()))
+    with pytest.raises(CheckpointError, match="state.safetensors does not parse"):
+        read_checkpoint(folder)
+    assert not marker.exists(), "reading a checkpoint ran code"
