@@ -38,7 +38,7 @@ masks and history equal those of an uninterrupted run. The experiment's step mus
 randomness from torch/numpy/random or from ``BatchStream`` / ``fastmask.set_step(model, step)``, and keep wall-clock
 times out of the history (put them in metrics.json).
 
-Results (``<out>/``): config.json, history.csv (one row per step), metrics.json, masks/ (fastmask.save_masks),
+Results (``<out>/``): config.json (loadable with ``--config``), history.csv (one row per step), metrics.json, masks/ (fastmask.save_masks),
 *.png plots, report.md.
 """
 
@@ -269,8 +269,7 @@ def config_from_args(config_cls, args: argparse.Namespace, experiment: str):
     if getattr(args, "resume", False):
         stored_path = Path(config.out) / "config.json"
         if stored_path.is_file():
-            stored = config_from_dict(config_cls, json.loads(stored_path.read_text())["config"],
-                                      where=str(stored_path))
+            stored = config_from_dict(config_cls, read_config_file(stored_path), where=str(stored_path))
             overrides = {**file_values, **flag_values}
             merged = config_from_dict(config_cls, {k.replace("-", "_"): v for k, v in overrides.items()},
                                       where="command line", base=stored)
@@ -669,9 +668,12 @@ class Run:
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.experiment = experiment or type(config).__name__
         stored = self.dir / "config.json"
-        if stored.exists() and not resume:
+        # A folder with a config but no checkpoint and no results is a run that failed while setting up: reusable.
+        holds_run = stored.exists() and (bool(checkpoint_folders(self.dir / "checkpoints"))
+                                         or (self.dir / "metrics.json").exists())
+        if holds_run and not resume:
             if not overwrite:
-                raise ConfigError(f"out: {self.dir} already holds a run (config.json); pass --resume to continue "
+                raise ConfigError(f"out: {self.dir} already holds a run (checkpoints or results); pass --resume to continue "
                                   f"it, --overwrite to replace it, or another --out")
             for name in ("checkpoints", "masks"):
                 shutil.rmtree(self.dir / name, ignore_errors=True)
@@ -679,8 +681,8 @@ class Run:
                 if path.is_file():
                     path.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stored, json.dumps({"experiment": self.experiment, "config": config_to_dict(config)},
-                                             indent=2) + "\n")
+        # The plain config mapping: `--config <out>/config.json` reproduces the run.
+        atomic_write_text(stored, json.dumps(config_to_dict(config), indent=2) + "\n")
 
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)

@@ -1,0 +1,348 @@
+"""`fastmask run knowledge` (knowledge-critical subnetworks): schedules, each loss term against a hand computation on
+tiny models with the real GPT-2 tokenizer, the data builders (released sets, templates, WordNet graphs), the
+equal-sparsity baseline, the CLI end to end and bit-for-bit resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastmask as fm
+from fastmask import assets
+from fastmask.experiments import knowledge as kn
+from fastmask.experiments import knowledge_data as kd
+from fastmask.experiments import runner
+
+from conftest import SHARED_DATA
+
+
+# --- tiny models with the real GPT-2 tokenizer ------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets.gpt2_tokenizer_dir())
+
+
+def _tiny(arch: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=64, vocab_size=50257, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2)  # peaked distributions
+        return GPT2LMHeadModel(config).eval()
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50257, max_position_embeddings=64, initializer_range=0.2)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer):
+    """A randomly initialised 3-block GPT-2 with the real tokenizer, saved like a hub checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    _tiny("gpt2").save_pretrained(folder)
+    gpt2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+SENTENCES = [(" A house is a building", "building"), ("Bathhouse is a kind of guildhall", "guildhall"),
+             (" A cafe is a type of restaurant", "restaurant")]
+
+
+def _encoded(tokenizer, scope="all"):
+    return kn.encode(tokenizer, [s for s, _ in SENTENCES], [t for _, t in SENTENCES], scope, tokenizer.eos_token_id)
+
+
+# --- schedules ------------------------------------------------------------------------------------------------
+def test_reg_lambda_schedule():
+    values = [kn.reg_lambda(step, 10) for step in range(10)]
+    assert values[:5] == [2.0] * 5  # the first half
+    assert values[5:] == pytest.approx([2.2, 2.4, 2.6, 2.8, 3.0])  # then linear to 3 at the last step
+    assert kn.reg_lambda(0, 1) == 3.0 and kn.reg_lambda(2, 7, 1.0, 5.0) == 1.0 and kn.reg_lambda(3, 7, 1.0, 5.0) == 2.0
+    assert kn.reg_lambda(6, 7, 1.0, 5.0) == 5.0
+    assert [kn.lr_factor(s, 100, 0.1) for s in (0, 4, 9, 10, 99)] == pytest.approx([1 / 11, 5 / 11, 10 / 11, 1, 1])
+    assert kn.lr_factor(0, 5, 0.1) == 1.0  # int(0.5) = 0 warm-up steps
+
+
+# --- loss terms -----------------------------------------------------------------------------------------------
+def test_kl_terms_match_their_definitions():
+    torch.manual_seed(0)
+    logits, full = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    p = [[math.exp(v) / sum(math.exp(w) for w in row) for v in row] for row in logits.tolist()]
+    q = [[math.exp(v) / sum(math.exp(w) for w in row) for v in row] for row in full.tolist()]
+    uniform = sum(sum(1 / 7 * (math.log(1 / 7) - math.log(pv)) for pv in row) for row in p) / 4
+    maintain = sum(sum(qv * (math.log(qv) - math.log(pv)) for pv, qv in zip(pr, qr)) for pr, qr in zip(p, q)) / 4
+    assert kn.kl_uniform_to(logits).item() == pytest.approx(uniform, rel=1e-5)
+    assert kn.kl_full_to(full, logits).item() == pytest.approx(maintain, rel=1e-5)
+    assert kn.kl_full_to(full, full).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_tail_tokens_and_their_predicting_positions(gpt2_tokenizer):
+    data = _encoded(gpt2_tokenizer)
+    for row, (sentence, tail) in enumerate(SENTENCES):
+        ids = data.input_ids[row][data.attention_mask[row].bool()].tolist()
+        scored = (data.rows == row).nonzero()[:, 0]
+        positions = (data.cols[scored] + 1).tolist()
+        assert gpt2_tokenizer.decode([ids[p] for p in positions]) == " " + tail  # exactly the tail word's tokens
+        assert positions[-1] == len(ids) - 1 and data.gold[scored].tolist() == [ids[p] for p in positions]
+        assert data.first_token[scored].tolist() == [True] + [False] * (len(positions) - 1)
+    assert (data.rows == 1).sum() >= 2  # " guildhall" is several tokens
+    last = _encoded(gpt2_tokenizer, "last")
+    assert last.rows.tolist() == [0, 1, 2] and (last.cols + 1).tolist() == data.attention_mask.sum(1).sub(1).tolist()
+    with pytest.raises(ValueError, match="does not end with its tail"):
+        kn.tail_positions(gpt2_tokenizer, "A house is a building", "house", "all")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_top_blocks_equal_the_whole_model(arch, gpt2_tokenizer):
+    model = _tiny(arch)
+    names, path, n_blocks, first = kn.top_block_targets(model, 2)
+    assert (n_blocks, first) == (3, 1) and len(names) == (8 if arch == "gpt2" else 14)
+    assert all(kn.block_index(n)[1] >= 1 for n in names)
+    data = _encoded(gpt2_tokenizer)
+    top = kn.TopBlocks(model, first, path)
+    data.h0 = top.inputs(data.input_ids, data.attention_mask)
+    fm.apply(model, fm.MaskConfig(estimator="gumbel_sigmoid_st", targets=[n + "$" for n in names], seed=3))
+    for layer in fm.masked_modules(model).values():
+        torch.nn.init.normal_(layer.logits, std=2.0)
+        layer.eval()
+    batch = data.batch(range(3))
+    for mode in (fm.bypass, fm.inverse):
+        with mode(model), torch.no_grad():
+            whole = model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
+            mine = top.head(top.hidden(data.input_ids, data.attention_mask, data.h0))
+            tail = kn._tail_logits(top, batch, full=False)
+        mask = data.attention_mask.bool()
+        assert torch.allclose(mine[mask], whole[mask], rtol=1e-5, atol=1e-4)
+        assert torch.allclose(tail, whole[data.rows, data.cols], rtol=1e-5, atol=1e-4)  # predicted from the position before
+
+
+def test_each_loss_term_against_a_hand_computation(gpt2_tokenizer):
+    model = _tiny("gpt2")
+    names, path, _, first = kn.top_block_targets(model, 2)
+    target, control = _encoded(gpt2_tokenizer), _encoded(gpt2_tokenizer, "last")
+    top = kn.TopBlocks(model, first, path)
+    for data in (target, control):
+        data.h0 = top.inputs(data.input_ids, data.attention_mask)
+    lm = torch.tensor(gpt2_tokenizer(" The cat sat on the mat and looked at the quiet street below.")["input_ids"])[None]
+    lm_h0 = top.inputs(lm, torch.ones_like(lm))
+    fm.apply(model, fm.MaskConfig(estimator="gumbel_sigmoid_st", init_logit=math.log(0.45 / 0.55),
+                                  targets=[n + "$" for n in names], seed=5))
+    for layer in fm.masked_modules(model).values():
+        layer.train()
+    fm.set_step(model, 7)  # the same sampled mask for every forward below
+    terms = kn.loss_terms(model, top, target.batch(range(3)), control.batch([2, 0]), lm, lm_h0)
+
+    def probabilities(ids, mask, remaining):  # the plain model, no caching, float64 sums
+        with torch.no_grad(), (fm.inverse(model) if remaining else fm.bypass(model)):
+            return torch.softmax(model(input_ids=ids, attention_mask=mask).logits.double(), dim=-1)
+
+    p = probabilities(target.input_ids, target.attention_mask, True)[target.rows, target.cols]
+    vocab = p.shape[-1]
+    assert terms["suppression"].item() == pytest.approx(
+        (torch.log(torch.tensor(1 / vocab, dtype=torch.float64)) - p.log()).mean(-1).mean().item(), rel=1e-3)
+    rows = torch.tensor([2, 0])
+    ids, mask = control.input_ids[rows], control.attention_mask[rows]
+    cols = control.cols[rows]  # one scored (last) token per sentence
+    p = probabilities(ids, mask, True)[torch.arange(2), cols]
+    q = probabilities(ids, mask, False)[torch.arange(2), cols]
+    assert terms["control_kl"].item() == pytest.approx((q * (q.log() - p.log())).sum(-1).mean().item(), rel=1e-3)
+    assert terms["control_kl"].item() > 1e-2  # the removed weights matter: not a vacuous comparison
+    p, q = probabilities(lm, torch.ones_like(lm), True)[0], probabilities(lm, torch.ones_like(lm), False)[0]
+    assert terms["lm_kl"].item() == pytest.approx((q * (q.log() - p.log())).sum(-1).mean().item(), rel=1e-3)
+    logits = torch.cat([layer.logits.detach().flatten() for layer in fm.masked_modules(model).values()])
+    assert terms["density"].item() == pytest.approx(torch.sigmoid(logits).mean().item(), rel=1e-6)
+    assert terms["suppression"].requires_grad and terms["lm_kl"].requires_grad
+
+
+def test_random_subnetwork_has_the_same_size_per_layer():
+    model = _tiny("gpt2")
+    fm.apply(model, fm.MaskConfig(estimator="gumbel_sigmoid_st", seed=0))
+    layers = fm.masked_modules(model)
+    for i, layer in enumerate(layers.values()):
+        with torch.no_grad():
+            layer.logits.copy_(torch.where(torch.rand(layer.logits.shape) < 0.03 * (i + 1), 3.0, -3.0))
+    learned = {name: layer.gates().clone() for name, layer in layers.items()}
+    with kn.random_subnetwork(model, seed=1):
+        for name, layer in layers.items():
+            gates = layer.gates()
+            assert gates.sum() == learned[name].sum() and not torch.equal(gates, learned[name])
+    assert all(torch.equal(layer.gates(), learned[name]) for name, layer in layers.items())
+
+
+# --- data builders --------------------------------------------------------------------------------------------
+def test_released_sets_and_templates():
+    if not (SHARED_DATA / "know-subnet").is_dir():
+        pytest.fail(f"the know-subnet data folder is part of the test data: {SHARED_DATA / 'know-subnet'}")
+    sizes = {"building.n.01": 11, "change.n.01": 13, "communication.n.02": 16, "location.n.01": 19,
+             "magnitude.n.01": 12, "representation.n.02": 12, "statement.n.01": 16}  # SOURCE.md's record counts
+    for root in kd.PAPER_TARGETS:
+        examples = kd.paper_targetkg(root, "gpt2-xl", SHARED_DATA)
+        assert len(examples) == sizes[root]
+        for example in examples:
+            ours = kd.candidate_sentences(kd.synset_text(example.triplet.head), example.tail_text)
+            assert set(example.candidates) <= set(ours)  # every released variant is one of our templates
+            assert example.sentence in ours and example.sentence.endswith(example.tail_text)
+            assert example.source == "released:gpt2-xl"
+    raw = json.loads((SHARED_DATA / "know-subnet/wordnet/targetkg/building.n.01_best_format.json").read_text())
+    assert [e.sentence for e in kd.paper_targetkg("building.n.01", "gpt2", SHARED_DATA)] == \
+        [r["best_gpt2_input"] for r in raw]
+    assert len(kd.paper_controlkg_val(None, SHARED_DATA)) == 400
+    assert kd.candidate_sentences("apple", "fruit")[:4] == ["An apple is a fruit", "An apple is fruit",
+                                                            "Apple is a fruit", "Apple is fruit"]
+    assert len(kd.candidate_sentences("apple", "fruit")) == 22
+    examples = kd.paper_targetkg("magnitude.n.01", None, SHARED_DATA)
+    kn.choose_templates(examples, "lowest-ppl", lambda sentences: {s: len(s) + (s[0] == " ") for s in sentences})
+    for example in examples:  # the fake perplexity prefers the shortest sentence without a leading space
+        assert example.sentence == min(example.candidates, key=lambda s: (len(s) + (s[0] == " "),
+                                                                          example.candidates.index(s)))
+    with pytest.raises(kd.DataError, match="released TargetKGs are"):
+        kd.paper_targetkg("fruit.n.01", None, SHARED_DATA)
+    assert kd.paper_model_key("openai-community/gpt2-xl") == "gpt2-xl" and kd.paper_model_key("smollm2-135m") is None
+
+
+@pytest.fixture(scope="module")
+def wordnet():
+    try:
+        return assets.wordnet()
+    except assets.AssetUnavailable as error:  # e.g. no apt-get on this machine: the released-set tests still run
+        pytest.skip(f"WordNet 3.0 not reachable here: {str(error).splitlines()[0]}")
+
+
+def test_wordnet_targetkg_graph_and_counts(wordnet):
+    assert wordnet.get_version() == "3.0" and len(wordnet._lexnames) == 45  # the rebuilt lexnames file
+    for root in kd.PAPER_TARGETS:
+        built = kd.wordnet_targetkg(root, depth=2, ancestors=2, wn=wordnet)
+        released = {(e.triplet.head, e.triplet.tail) for e in kd.paper_targetkg(root, None, SHARED_DATA)}
+        assert released <= {(t.head, t.tail) for t in built}, root  # the paper's sets are samples of this graph
+        synset = wordnet.synset(root)
+        children = synset.hyponyms()
+        ancestors = [synset.hypernyms()[0], synset.hypernyms()[0].hypernyms()[0]]
+        expected = {(c.name(), root) for c in children} | \
+            {(g.name(), c.name()) for c in children for g in c.hyponyms()} | \
+            {(root, ancestors[0].name()), (ancestors[0].name(), ancestors[1].name())}
+        assert {(t.head, t.tail) for t in built} == expected and len(built) == len(expected)
+    assert len(kd.wordnet_targetkg("building.n.01", depth=1, ancestors=0, wn=wordnet)) == \
+        len(wordnet.synset("building.n.01").hyponyms()) == 52
+    with pytest.raises(kd.DataError, match="not a WordNet 3.0 noun synset"):
+        kd.wordnet_targetkg("buildingz.n.01", wn=wordnet)
+
+
+def test_wordnet_controlkg_avoids_the_target(wordnet):
+    target = kd.wordnet_targetkg("building.n.01", wn=wordnet)
+    synsets = {s for t in target for s in (t.head, t.tail)}
+    control = kd.wordnet_controlkg(40, synsets, seed=3, wn=wordnet)
+    assert len(control) == 40 and len(set(control)) == 40
+    assert not any(t.head in synsets or t.tail in synsets for t in control)
+    for t in control[:10]:  # real hypernym edges of WordNet 3.0
+        assert t.tail in {h.name() for h in wordnet.synset(t.head).hypernyms()}
+    assert kd.wordnet_controlkg(40, synsets, seed=3, wn=wordnet) == control
+    assert kd.wordnet_controlkg(40, synsets, seed=4, wn=wordnet) != control
+
+
+# --- the experiment end to end --------------------------------------------------------------------------------
+TINY_RUN = ["--steps", "6", "--top-k-layers", "2", "--controlkg-source", "paper", "--controlkg-size", "12",
+            "--controlkg-eval-size", "6", "--lm-train-blocks", "4", "--lm-eval-blocks", "2", "--lm-block-size",
+            "16", "--controlkg-batch", "4", "--checkpoint-every", "2", "--eval-every", "3", "--no-progress",
+            "--lr", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_gpt2_dir):
+    """`fastmask run knowledge` on the tiny GPT-2 in a subprocess: (results folder, completed process)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = subprocess.run([sys.executable, "-m", "fastmask", "run", "knowledge", "--model", str(tiny_gpt2_dir),
+                             "--out", str(out), *TINY_RUN], capture_output=True, text=True, timeout=900)
+    return out, result
+
+
+def _parser():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    kn.add_arguments(parser)
+    return parser
+
+
+def test_cli_end_to_end_on_a_tiny_gpt2(cli_run, tiny_gpt2_dir):
+    out, result = cli_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"report: {(out / 'report.md').resolve()}" in result.stderr
+    for name in ("config.json", "data.json", "history.csv", "metrics.json", "report.md", "loss_terms.png", "ppl.png",
+                 "sparsity_per_block.png", "masks/masks.safetensors", "masks/mask_config.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["targetkg"] == 11 and metrics["data"]["controlkg_eval"] == 6
+    assert metrics["masked_layers"] == 8 and metrics["masked_blocks"] == [1, 2]
+    summary = metrics["summary"]
+    for name in ("targetkg", "controlkg", "lm"):
+        assert summary[name]["ppl_full"] > 1 and math.isfinite(summary[name]["ppl_remaining"])
+    assert 0 <= metrics["sparsity"]["overall"] <= 1 and set(metrics["sparsity"]["attention_vs_mlp"]) == \
+        {"attention", "mlp"}
+    history = runner.read_history(out / "history.csv")
+    assert [row["step"] for row in history] == list(range(6))
+    assert history[2]["targetkg_ppl_remaining"] is not None and history[0]["targetkg_ppl_remaining"] is None
+    assert [row["lambda_reg"] for row in history] == [kn.reg_lambda(s, 6) for s in range(6)]
+    data = json.loads((out / "data.json").read_text())
+    assert all(row["source"] == "lowest-ppl" for row in data["targetkg"])  # not a gpt2 hub name: chosen by PPL
+    report = (out / "report.md").read_text()
+    assert "predicted from the position before it" in report and "| TargetKG |" in report
+    # the saved masks load back onto a fresh copy of the base model
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    fm.load_masks(fresh, out / "masks")
+    saved = load_file(str(out / "masks" / "masks.safetensors"))
+    assert all(torch.equal(layer.logits.detach(), saved[name]) for name, layer in fm.masked_modules(fresh).items())
+
+
+def test_resume_of_the_experiment_is_bit_identical(cli_run, tmp_path, tiny_gpt2_dir, monkeypatch):
+    full_dir, _ = cli_run
+    full = json.loads((full_dir / "metrics.json").read_text())
+    parser = _parser()
+
+    def run(*extra):
+        argv = ["--model", str(tiny_gpt2_dir), *TINY_RUN, "--out", str(tmp_path / "crashed"), *extra]
+        config = runner.config_from_args(kn.KnowledgeConfig, parser.parse_args(argv), "knowledge")
+        return kn.run_experiment(config, resume="--resume" in extra, log=lambda message: None)
+
+    real_checkpoint, calls = runner.Run.checkpoint, []
+
+    def crash_after_second_checkpoint(self, state):
+        real_checkpoint(self, state)
+        calls.append(state.step)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a crash between steps 4 and 5
+
+    monkeypatch.setattr(runner.Run, "checkpoint", crash_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(runner.Run, "checkpoint", real_checkpoint)
+    resumed = json.loads(json.dumps(run("--resume")))  # as metrics.json stores it
+    assert resumed["timing"]["train_steps_this_process"] == 2
+    assert resumed["summary"] == full["summary"] and resumed["sparsity"] == full["sparsity"]
+    a, b = (load_file(str(folder / "masks/masks.safetensors")) for folder in (full_dir, tmp_path / "crashed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (full_dir / "history.csv").read_text() == (tmp_path / "crashed/history.csv").read_text()
+
+
+def test_bad_input_is_a_clear_error(tmp_path, tiny_gpt2_dir, capsys):
+    parser = _parser()
+    with pytest.raises(SystemExit, match="target must be a WordNet noun synset name"):
+        kn.run_from_args(parser.parse_args(["--target", "building", "--out", str(tmp_path / "a")]))
+    with pytest.raises(SystemExit, match="top_k_layers must be <= the model's 3 blocks, got 9"):
+        kn.run_from_args(parser.parse_args(["--model", str(tiny_gpt2_dir), *TINY_RUN, "--top-k-layers", "9",
+                                            "--out", str(tmp_path / "b")]))
+    with pytest.raises(SystemExit, match="template must not be 'released'"):
+        kn.run_from_args(parser.parse_args(["--model", str(tiny_gpt2_dir), *TINY_RUN, "--template", "released",
+                                            "--out", str(tmp_path / "c")]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--template", "best"])
+    assert "invalid choice: 'best'" in capsys.readouterr().err
