@@ -484,12 +484,30 @@ def gpt2_tokenizer_dir() -> Path:
 
 # --- WordNet ------------------------------------------------------------------------------------------------
 def _apt_download(package: str, into: Path) -> Optional[Path]:
-    """``apt-get download package`` into ``into`` (no root needed); the .deb path or None."""
+    """``apt-get download package`` into ``into`` (no root needed); the .deb path or None. When the system's package
+    lists are empty (a fresh container), ``apt-get update`` fills private lists in $FASTMASK_CACHE/apt/ first
+    (the system's sources, no root, nothing system-wide changed)."""
     if shutil.which("apt-get") is None:
         return None
-    subprocess.run(["apt-get", "download", package], cwd=into, capture_output=True, text=True, timeout=600)
-    debs = sorted(into.glob(f"{package}_*.deb"))
-    return debs[-1] if debs else None
+
+    def attempt(options: list[str]) -> Optional[Path]:
+        subprocess.run(["apt-get", *options, "download", package], cwd=into, capture_output=True, text=True,
+                       timeout=600)
+        debs = sorted(into.glob(f"{package}_*.deb"))
+        return debs[-1] if debs else None
+
+    found = attempt([])
+    if found is not None:
+        return found
+    import getpass
+
+    private = cache_dir("apt")
+    for sub in ("lists/partial", "cache/archives/partial"):
+        (private / sub).mkdir(parents=True, exist_ok=True)
+    options = ["-o", f"Dir::State::Lists={private / 'lists'}", "-o", f"Dir::Cache={private / 'cache'}",
+               "-o", "Debug::NoLocking=1", "-o", f"APT::Sandbox::User={getpass.getuser()}"]
+    subprocess.run(["apt-get", *options, "update"], capture_output=True, text=True, timeout=600)
+    return attempt(options)
 
 
 def _lexnames_from_manpage(manpage_gz: Path) -> str:

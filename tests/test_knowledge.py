@@ -335,14 +335,17 @@ def test_resume_of_the_experiment_is_bit_identical(cli_run, tmp_path, tiny_gpt2_
 
 def test_bad_input_is_a_clear_error(tmp_path, tiny_gpt2_dir, capsys):
     parser = _parser()
-    with pytest.raises(SystemExit, match="target must be a WordNet noun synset name"):
+    with pytest.raises(runner.ConfigError, match="target must be a WordNet noun synset name"):
         kn.run_from_args(parser.parse_args(["--target", "building", "--out", str(tmp_path / "a")]))
-    with pytest.raises(SystemExit, match="top_k_layers must be <= the model's 3 blocks, got 9"):
+    with pytest.raises(runner.ConfigError, match="top_k_layers must be <= the model's 3 blocks, got 9"):
         kn.run_from_args(parser.parse_args(["--model", str(tiny_gpt2_dir), *TINY_RUN, "--top-k-layers", "9",
                                             "--out", str(tmp_path / "b")]))
-    with pytest.raises(SystemExit, match="template must not be 'released'"):
+    with pytest.raises(runner.ConfigError, match="template must not be 'released'"):
         kn.run_from_args(parser.parse_args(["--model", str(tiny_gpt2_dir), *TINY_RUN, "--template", "released",
                                             "--out", str(tmp_path / "c")]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--template", "best"])
     assert "invalid choice: 'best'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not a WordNet 3.0 noun synset|not reachable"):  # a data error: exit 1
+        kn.run_from_args(parser.parse_args(["--model", str(tiny_gpt2_dir), *TINY_RUN, "--target", "buildingz.n.01",
+                                            "--targetkg-source", "wordnet", "--out", str(tmp_path / "d")]))

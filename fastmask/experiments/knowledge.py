@@ -968,7 +968,7 @@ def run_from_args(args) -> int:
     try:
         config = config_from_args(KnowledgeConfig, args, experiment=EXPERIMENT)
         run_experiment(config, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, CheckpointError, AssetUnavailable, DataError) as error:
+    except (CheckpointError, AssetUnavailable, DataError) as error:  # ConfigError: a usage error (fastmask.cli)
         raise SystemExit(f"fastmask run knowledge: {error}") from None
     return 0
 
