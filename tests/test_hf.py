@@ -103,12 +103,31 @@ def load(arch: str, request=None):
 
         model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue("smollm2_dir"))
         inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (2, 7))}
-    else:
+    else:  # a randomly initialised GPT-2 (small layers, the real 50257-token vocabulary) and the real tokenizer
         from transformers import GPT2LMHeadModel
 
-        model = GPT2LMHeadModel(gpt2_config())
-        inputs = {"input_ids": torch.randint(0, 128, (2, 7))}
+        tokenizer = gpt2_tokenizer()
+        model = GPT2LMHeadModel(gpt2_config(vocab_size=len(tokenizer)))
+        inputs = dict(tokenizer(GPT2_TEXT, padding=True, return_tensors="pt"))
     return model.eval(), inputs
+
+
+GPT2_TEXT = ["Masks find the subnetwork that matters.", "A randomly initialised GPT-2 reads real BPE tokens."]
+
+
+def gpt2_tokenizer():
+    """The real GPT-2 BPE tokenizer (fastmask.assets: rebuilt from openai-whisper's gpt2.tiktoken), padding with
+    <|endoftext|>; the test is skipped where it cannot be reached."""
+    from transformers import AutoTokenizer
+
+    from fastmask import assets
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(assets.gpt2_tokenizer_dir())
+    except assets.AssetUnavailable as exc:
+        pytest.skip(f"GPT-2 tokenizer unavailable: {exc}")
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def output(model, inputs) -> torch.Tensor:
@@ -123,6 +142,15 @@ def randomize_logits(model, seed=1, scale=3.0):
     with torch.no_grad():
         for layer in masked_modules(model).values():
             layer.logits.copy_(torch.randn(layer.logits.shape, generator=generator) * scale)
+
+
+def test_gpt2_models_read_the_real_tokenizer():
+    model, inputs = load("gpt2")
+    tokenizer = gpt2_tokenizer()
+    assert len(tokenizer) == model.config.vocab_size == 50257
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]  # GPT-2's own ids
+    assert tokenizer.decode(inputs["input_ids"][0][inputs["attention_mask"][0].bool()]) == GPT2_TEXT[0]
+    assert output(apply(model, init_logit=10.0), inputs).shape[-1] == 50257
 
 
 # --- MaskConfig -----------------------------------------------------------------------------------------------
@@ -391,7 +419,8 @@ def test_merge_save_pretrained_from_pretrained_matches_the_masked_model(arch, re
 
 # --- training: the loss curve of a naive implementation --------------------------------------------------------
 class NaiveMasked(nn.Module):
-    """The hand-written way: z from fm.ops.gate with the layer's seed and offset step * n_gates, W * z, F.linear."""
+    """The hand-written way: hard-concrete gates from torch ops (autograd through every intermediate) on the noise
+    fm.ops.uniform(seed, offset=step * n_gates) of the layer, W * z, F.linear."""
 
     def __init__(self, layer: MaskedLinear):
         super().__init__()
@@ -400,10 +429,12 @@ class NaiveMasked(nn.Module):
         self.seed, self.block, self.step, self.layout = layer.seed, layer.block, 0, layer.weight_layout
 
     def forward(self, x):
-        z = fm.ops.gate(self.logits, estimator="hard_concrete", seed=self.seed,
-                        offset=self.step * self.logits.numel(), training=self.training)
         if self.training:
+            noise = fm.ops.uniform(self.logits.shape, seed=self.seed, offset=self.step * self.logits.numel())
+            z = fm.ref.hard_concrete_naive(self.logits, noise=noise)
             self.step += 1
+        else:
+            z = (torch.sigmoid(self.logits) * (1.1 - -0.1) - 0.1).clamp(0.0, 1.0)
         w = self.weight * expand_gates(z, self.block, self.weight.shape)
         return F.linear(x, w if self.layout == "out_in" else w.t(), self.bias)
 

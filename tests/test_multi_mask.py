@@ -127,7 +127,7 @@ def test_training_k_masks_equals_training_k_single_masks():
     multi, singles = _twins("gpt2", config)
     inputs = _inputs("gpt2", batch=6)
     index = torch.tensor([0, 1, 2, 2, 1, 0])
-    probe = torch.randn(6, 7, 128, generator=torch.Generator().manual_seed(3))
+    probe = torch.randn(_single_pass(singles[0], inputs).shape, generator=torch.Generator().manual_seed(3))
     optimizers = [torch.optim.Adam(fm.mask_parameters(m), lr=0.1) for m in [multi] + singles]
     for model in [multi] + singles:
         model.train()
