@@ -187,14 +187,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
     types = _field_types(config_cls)
     defaults = config_cls()
     for f in fields(config_cls):
-        help_text = f.metadata.get("help", "")
         default = getattr(defaults, f.name)
+        # argparse %-formats help strings: a literal "%" (e.g. "10% warm-up") must reach it as "%%"
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         inner, _ = _unwrap_optional(types[f.name])
         if inner is bool:
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+                                default=argparse.SUPPRESS, help=help_text)
             continue
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if typing.get_origin(inner) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(inner))
         elif typing.get_origin(inner) in (list, tuple) or inner in (list, tuple):
