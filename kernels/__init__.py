@@ -5,8 +5,7 @@ fused masked-linear GEMMs (masked_linear.py) and elementwise Philox / gate kerne
 On CPU tensors they run only under the Triton interpreter (TRITON_INTERPRET=1), which the tests use.
 """
 
-from .gate import gate_backward, gate_forward, masked_weight
-from .grouped_masked_linear import grouped_masked_weight
+from .gate import gate_backward, gate_forward, grouped_masked_weight, masked_weight
 from .masked_linear import GemmConfig, masked_linear_backward, masked_linear_forward
 from .uniform import uniform
 

@@ -2,7 +2,9 @@
 
 Design: elementwise kernels over the gate grid (flat index j = the noise counter offset + j); backward
 regenerates the noise instead of reading saved noise. ``_masked_weight_kernel`` writes W * m in the weight's dtype
-for the "materialise once" path of masked_linear (the fused GEMMs in masked_linear.py never write it).
+for the "materialise once" path of masked_linear (the fused GEMMs in masked_linear.py never write it), and the K
+masked weights of grouped_masked_linear in one launch (program axis 2 is the mask k: grid k of the stack, its
+noise at counter offset + k * GR * GC, as the stack is one Philox stream).
 Limits: logits/grad are read as contiguous (the wrappers call .contiguous()); math in float32, or float64 for
 float64 logits; outputs are in that compute dtype.
 """
@@ -69,10 +71,11 @@ def _gate_bwd_kernel(
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _masked_weight_kernel(
     w_ptr,  # weight (R, C), any strides
-    gates_ptr,  # logits grid (GR, GC), or its gates z (GATE_GRID), contiguous
-    out_ptr,  # W * m out, (R, C) contiguous, weight dtype
+    gates_ptr,  # logits grids (K, GR, GC), or their gates z (GATE_GRID), contiguous; K = 1 for one mask
+    out_ptr,  # W * m_k out, (K, R, C) contiguous, weight dtype
     R, C,  # weight shape
-    GC,  # gate-grid columns: gate of (r, c) is (r // BH) * GC + c // BW
+    GC,  # gate-grid columns: gate of (r, c) is (r // BH) * GC + c // BW within a mask's grid
+    N_GATES,  # gates per mask (GR * GC): mask k's grid starts at k * N_GATES, its noise at offset + k * N_GATES
     stride_wr, stride_wc,  # weight strides
     seed, offset,  # noise stream
     beta_bits, gamma_bits, zg_bits, tau_bits,  # float64 bit patterns of the estimator parameters
@@ -85,6 +88,7 @@ def _masked_weight_kernel(
     INTERPRET: tl.constexpr,  # running under the Triton interpreter (bfloat16 rounding workaround)
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # tile
 ):
+    k = tl.program_id(2).to(tl.int64)
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
@@ -92,11 +96,12 @@ def _masked_weight_kernel(
                 mask=mask, other=0.0)
     gr = (offs_r // BH) * GC if DEP_R else offs_r * 0
     gc = offs_c // BW if DEP_C else offs_c * 0
-    z = _gates_at(gates_ptr, gr[:, None] + gc[None, :], mask, seed, offset, _f64_param(beta_bits, COMPUTE),
-                  _f64_param(gamma_bits, COMPUTE), _f64_param(zg_bits, COMPUTE), _f64_param(tau_bits, COMPUTE),
-                  COMPUTE, ESTIMATOR, TRAINING, INVERSE, GATE_GRID)
+    first_gate = k * N_GATES  # mask k's grid within the stack, and its noise counter
+    z = _gates_at(gates_ptr + first_gate, gr[:, None] + gc[None, :], mask, seed, offset + first_gate,
+                  _f64_param(beta_bits, COMPUTE), _f64_param(gamma_bits, COMPUTE), _f64_param(zg_bits, COMPUTE),
+                  _f64_param(tau_bits, COMPUTE), COMPUTE, ESTIMATOR, TRAINING, INVERSE, GATE_GRID)
     wm = _cast(w.to(W_UP) * z.to(W_UP), out_ptr.dtype.element_ty, INTERPRET)
-    tl.store(out_ptr + offs_r.to(tl.int64)[:, None] * C + offs_c[None, :], wm, mask=mask)
+    tl.store(out_ptr + k * R * C + offs_r.to(tl.int64)[:, None] * C + offs_c[None, :], wm, mask=mask)
 
 
 def _launch_elementwise(kernel, tensors, n, p, compute):
@@ -152,12 +157,40 @@ def masked_weight(weight: torch.Tensor, logits: torch.Tensor, block: tuple[int, 
 
     Block / unit grids first sample their gates once per gate (``gates``, computed here unless given), so the
     per-weight pass only reads them; per-weight grids regenerate the noise per element."""
-    logits = logits.contiguous()
+    return _masked_weights(weight, logits.contiguous()[None], block, p, tile,
+                           None if gates is None else gates[None])[0]
+
+
+def grouped_masked_weight(weight: torch.Tensor, logits: torch.Tensor, block: tuple[int, int], p, tile=None
+                          ) -> torch.Tensor:
+    """W * m_k for every mask k of the stack ``logits`` (K, GR, GC): (K, R, C) contiguous, weight dtype and layout
+    (fastmask.ref.grouped_masked_weight_ref), in one launch (plus one gate launch over the whole stack for block /
+    unit grids)."""
+    return _masked_weights(weight, logits.contiguous(), block, p, tile, None)
+
+
+def _masked_weights(weight, stack, block, p, tile, gates):
+    """(K, R, C) masked weights of a contiguous (K, GR, GC) stack of gate grids: one launch, program axis 2 = k."""
+    n_masks = stack.shape[0]
     rows, cols = weight.shape
-    _, _, grid_r, grid_c = grid_shape(weight, logits, block)
-    out = torch.empty((rows, cols), dtype=weight.dtype, device=weight.device)
+    _, _, grid_r, grid_c = grid_shape(weight, stack[0], block)
+    out = torch.empty((n_masks, rows, cols), dtype=weight.dtype, device=weight.device)
     if out.numel() == 0:
         return out
+    use_grid = grid_r * grid_c < rows * cols
+    if use_grid and gates is None:
+        gates = gate_forward(stack, p)  # the whole stack: one noise stream, one launch
+    cuda = weight.device.type == "cuda"
+    block_r, block_c, num_warps = tile or (MASKED_WEIGHT_TILE if cuda else (16, 16, 1))
+    w_up = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    with device_guard(weight):
+        _masked_weight_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c), n_masks)](
+            weight, gates if use_grid else stack, out, rows, cols, grid_c, grid_r * grid_c, weight.stride(0),
+            weight.stride(1), p.seed, p.offset, *param_bits(p), BH=int(block[0]), BW=int(block[1]),
+            DEP_R=grid_r > 1, DEP_C=grid_c > 1, COMPUTE=tl_dtype(compute_dtype(stack)), W_UP=tl_dtype(w_up),
+            ESTIMATOR=int(p.estimator), TRAINING=bool(p.training), INVERSE=bool(p.inverse), GATE_GRID=use_grid,
+            INTERPRET=_INTERPRET_MW, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    return out
     use_grid = logits.numel() < weight.numel()
     if use_grid and gates is None:
         gates = gate_forward(logits, p)
