@@ -77,7 +77,7 @@ def _embed(model, batch) -> torch.Tensor:
     return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
-def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float = 2.0, lr: float = 0.1,
+def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float = 5.0, lr: float = 0.2,
              seed: int = 0, out_dir: str = "fastmask-demo", progress: bool = True) -> dict:
     from transformers import AutoModel, AutoTokenizer
     from tqdm.auto import tqdm
@@ -94,6 +94,9 @@ def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float =
         teacher_train, teacher_held_out = _embed(model, train), _embed(model, held_out)
 
     # Default BERT targets: q/k/v, attention output, intermediate and output dense of every encoder layer.
+    # init_logit 3: the eval gate clamp(sigmoid(3)*1.2 - 0.1, 0, 1) is exactly 1, so kept weights are not scaled.
+    # Defaults (lr 0.2, l0 weight 5, 100 steps) measured on MiniLM: 37.8% of weights off, held-out cosine 0.725
+    # for the learned mask vs 0.357 for a random mask of the same sparsity (2-core EPYC, 2026-12-02).
     fm.apply(model, fm.MaskConfig(estimator="hard_concrete", granularity="weight", init_logit=3.0, seed=seed))
     masked = fm.masked_modules(model)
     for module in masked.values():
@@ -178,9 +181,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
     from .cli import NON_NEGATIVE_FLOAT, OUTPUT_DIR, POSITIVE_FLOAT, SEED
 
-    parser.add_argument("--l0-weight", type=NON_NEGATIVE_FLOAT, default=2.0,
+    parser.add_argument("--l0-weight", type=NON_NEGATIVE_FLOAT, default=5.0,
                         help="weight of the expected-density penalty")
-    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=0.1, help="Adam learning rate of the logits")
+    parser.add_argument("--lr", type=POSITIVE_FLOAT, default=0.2, help="Adam learning rate of the logits")
     parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--out", type=OUTPUT_DIR, default="fastmask-demo",
                         help="output folder (report.md, report.json, masks)")
