@@ -1,0 +1,721 @@
+"""`fastmask run disentangle`: disentangled representations of text by masking a frozen transformer (Zhang, van de
+Meent, Wallace, EMNLP 2021), one mask per factor, all K masks learned in one forward pass.
+
+* Model: a frozen encoder (all-MiniLM-L6-v2 offline; any Hugging Face encoder id or folder via ``--model``);
+  ``fastmask.apply`` with ``MaskConfig(n_masks=K)`` over its linear layers (``--granularity weight | unit_in |
+  unit_out``), estimator ``threshold_st`` (the paper's), ``hard_concrete`` or ``gumbel_sigmoid_st``. The
+  representation z_k is the attention-masked mean of the last hidden states under mask k.
+* One step: B anchors; per factor k a positive (same value of factor k) and a negative (other value) per anchor;
+  the K groups (anchors, positives, negatives) run as ONE batch with ``fm.mask_index(encoder, "grouped")`` (group k
+  through mask k). Loss = sum_k [ CE(head_k(z_k(anchor)), y_k) + triplet_weight * max(0, |z_a - z_p| - |z_a - z_n|
+  + margin) + l0_weight * expected density of mask k ] + overlap_weight * mean over gates of the product of the K
+  masks' keep probabilities (pairs, for K > 2).
+* Magnitude pruning (the paper prunes, then masks): the smallest-magnitude weights of the masked layers (globally
+  or per layer, an exact fraction) are set to zero in the frozen weight before the masks are learned. Multiplying
+  the frozen weight by a fixed 0/1 mask is the clean way here: the weights are frozen anyway, so a pruned weight
+  can never come back, it needs no extra parameters or frozen logits (which Adam's state and the L0 penalty would
+  still count), it works for every granularity and estimator, and the masked model's sparsity is then the union
+  of the pruned weights and the closed gates. The unmasked baseline uses the unpruned model.
+* Evaluation (all on frozen features, eval-mode gates): fresh logistic-regression probes per representation (each
+  mask, the unmasked model, the adversarial baseline per factor) and per factor, trained on a balanced
+  (uncorrelated) probe split and scored on a balanced test split: the leakage table (own factor high, others near
+  chance 0.5). Robustness: a probe for a representation's own factor trained on the CORRELATED training split
+  (factors agree on ``train_agreement`` of it) and tested on the SHIFTED split (agreement 1 - train_agreement): a
+  representation that carries the other factor lets the probe lean on it and loses accuracy there. A
+  sparsity-vs-disentanglement curve: masks retrained (``sweep_steps``) at each pruning sparsity of the sweep.
+* Adversarial-removal baseline (gradient reversal), per factor k: an MLP over the frozen unmasked features trained on
+  the same training split to predict factor k while adversaries predicting the other factors see its output
+  through a gradient-reversal layer (a deviation from fine-tuning the whole encoder adversarially, for CPU budget;
+  it removes the factor from the pooled representation the same way).
+* Not implemented: a fully fine-tuned encoder baseline; pruning WITH masking (gradual); settings 1 and 3 of the
+  paper (only the offline toxicity x dialect tweets, see disentangle_data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Sequence
+
+from .runner import (BatchStream, CheckpointError, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check,
+                     config_from_args, markdown_table, pyplot, resolve_device, save_figure, seed_everything)
+
+EXPERIMENT = "disentangle"
+ESTIMATORS = ("threshold_st", "hard_concrete", "gumbel_sigmoid_st")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class DisentangleConfig(RunConfig):
+    """Defaults: the paper's method on the offline tweets, sized for a few minutes on a 2-core CPU (see README)."""
+
+    steps: int = field(default=60, metadata=_help("mask-learning steps"))
+    checkpoint_every: int = field(default=20, metadata=_help("steps between checkpoints (0: only at the end)"))
+    model: str = field(default="all-minilm-l6-v2", metadata=_help(
+        "encoder: a packaged model name, a local folder or a Hugging Face hub id"))
+    data: Literal["tweets"] = field(default="tweets", metadata=_help(
+        "two-factor data: tweets = Davidson toxicity x TwitterAAE dialect (offline)"))
+    data_limit: Optional[int] = field(default=None, metadata=_help("read only the first N raw examples (tests)"))
+    dialect_confidence: float = field(default=0.6, metadata=_help(
+        "AAE share of the AAE+White proportions needed for an AAE (or 1 - it for a White-aligned) label"))
+    train_size: int = field(default=600, metadata=_help("training split size (masks, heads, robustness probes)"))
+    probe_size: int = field(default=300, metadata=_help("balanced split the leakage probes are trained on"))
+    test_size: int = field(default=300, metadata=_help("balanced split the leakage probes are scored on"))
+    shifted_size: int = field(default=300, metadata=_help("test split with the reversed factor correlation"))
+    train_agreement: float = field(default=0.8, metadata=_help(
+        "fraction of training examples whose two factor labels agree (0.5: uncorrelated)"))
+    max_length: int = field(default=24, metadata=_help("tokens per text (longer ones are cut)"))
+    batch_size: int = field(default=6, metadata=_help("anchors per step (x 3 texts x K masks per forward)"))
+    estimator: Literal["threshold_st", "hard_concrete", "gumbel_sigmoid_st"] = field(
+        default="threshold_st", metadata=_help("mask estimator (threshold_st: the paper's)"))
+    granularity: Literal["weight", "unit_in", "unit_out"] = field(default="weight", metadata=_help(
+        "mask weights or hidden units of every attention/MLP linear layer"))
+    init_keep: float = field(default=0.9, metadata=_help("initial keep probability of every gate"))
+    lr: float = field(default=0.1, metadata=_help("Adam learning rate of the mask logits"))
+    head_lr: float = field(default=0.003, metadata=_help("Adam learning rate of the classification heads"))
+    triplet_weight: float = field(default=1.0, metadata=_help("weight of the triplet loss"))
+    margin: float = field(default=1.0, metadata=_help("triplet margin (Euclidean distance of pooled vectors)"))
+    overlap_weight: float = field(default=0.0, metadata=_help("weight of the mask-overlap penalty"))
+    l0_weight: float = field(default=0.0, metadata=_help("weight of each mask's expected density (L0)"))
+    prune_sparsity: float = field(default=0.0, metadata=_help(
+        "fraction of the masked layers' weights removed by magnitude pruning before masking"))
+    prune_scope: Literal["global", "layer"] = field(default="global", metadata=_help(
+        "magnitude threshold over all masked layers together, or per layer"))
+    sweep_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8], metadata=_help(
+        "pruning sparsities of the sparsity-vs-disentanglement curve (comma separated; empty: no sweep)"))
+    sweep_steps: int = field(default=30, metadata=_help("mask-learning steps per sweep point"))
+    adv_steps: int = field(default=300, metadata=_help("full-batch steps of the adversarial baseline"))
+    adv_lambda: float = field(default=1.0, metadata=_help("gradient-reversal strength of the adversarial baseline"))
+    probe_l2: float = field(default=1e-3, metadata=_help("L2 penalty of the logistic-regression probes"))
+    eval_batch: int = field(default=64, metadata=_help("texts per forward when extracting features"))
+    backend: Literal["auto", "reference", "cpu", "cuda", "triton"] = field(default="auto", metadata=_help(
+        "fastmask op backend (fastmask.set_backend); auto: the fastest available per device"))
+
+    def validate(self) -> "DisentangleConfig":
+        super().validate()
+        for name in ("train_size", "probe_size", "test_size", "shifted_size", "max_length", "batch_size",
+                     "eval_batch", "adv_steps", "sweep_steps"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, name, "an int >= 1", value)
+        check(self.data_limit is None or self.data_limit >= 1, "data_limit", "None or an int >= 1", self.data_limit)
+        check(0.5 < self.dialect_confidence < 1, "dialect_confidence", "a number in (0.5, 1)", self.dialect_confidence)
+        check(0 <= self.train_agreement <= 1, "train_agreement", "a fraction in [0, 1]", self.train_agreement)
+        check(0 < self.init_keep < 1, "init_keep", "a probability in (0, 1)", self.init_keep)
+        for name in ("lr", "head_lr", "margin"):
+            check(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "a finite number > 0",
+                  getattr(self, name))
+        for name in ("triplet_weight", "overlap_weight", "l0_weight", "adv_lambda", "probe_l2"):
+            check(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0",
+                  getattr(self, name))
+        check(0 <= self.prune_sparsity < 1, "prune_sparsity", "a fraction in [0, 1)", self.prune_sparsity)
+        for s in self.sweep_sparsities:
+            check(0 <= s < 1, "sweep_sparsities", "fractions in [0, 1)", self.sweep_sparsities)
+        return self
+
+
+# --- losses -------------------------------------------------------------------------------------------------
+def mean_pool(hidden, attention_mask):
+    """The mean of the hidden states over the real (attention_mask = 1) tokens: (batch, hidden)."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def triplet_loss(anchor, positive, negative, margin: float):
+    """mean over rows of max(0, |a - p|_2 - |a - n|_2 + margin)."""
+    import torch
+
+    return torch.relu((anchor - positive).norm(dim=-1) - (anchor - negative).norm(dim=-1) + margin).mean()
+
+
+def keep_probability(layer):
+    """Differentiable keep probability of every gate of a MaskedLinear, (K, GR, GC): sigmoid(l - tau) for
+    threshold_st, sigmoid(l) otherwise (gumbel_sigmoid_st's P(open); hard concrete's logit of the open state)."""
+    import torch
+
+    shift = layer.tau if layer.estimator == "threshold_st" else 0.0
+    return torch.sigmoid(layer.logits - shift)
+
+
+def overlap_penalty(model):
+    """Mean over every gate (each weighted by the weights it covers) of the product of two masks' keep
+    probabilities, averaged over the pairs of masks: 0 when no weight is kept by two masks."""
+    import fastmask as fm
+
+    total, count = 0.0, 0
+    for layer in fm.masked_modules(model).values():
+        p = keep_probability(layer)
+        weights = layer.gate_weight_counts().to(p.device, p.dtype)
+        pairs = [(i, j) for i in range(p.shape[0]) for j in range(i + 1, p.shape[0])]
+        for i, j in pairs:
+            total = total + (p[i] * p[j] * weights).sum() / len(pairs)
+        count += layer.weight.numel()
+    return total / count
+
+
+def grad_reverse(x, strength: float):
+    """Identity forward, gradient multiplied by -strength backward (the gradient-reversal layer), without an
+    autograd.Function: x.detach() carries the value, strength * (x.detach() - x) is 0 with gradient -strength."""
+    return x.detach() + strength * (x.detach() - x)
+
+
+# --- pruning ------------------------------------------------------------------------------------------------
+def magnitude_prune(model, sparsity: float, scope: str = "global") -> dict:
+    """Zero the ``sparsity`` fraction of smallest-|w| weights of the model's masked layers (exactly floor(sparsity *
+    n) per layer, or over all layers together for scope="global"; ties broken by position). In place, on the
+    frozen weights. Returns {layer name: fraction pruned}."""
+    import torch
+
+    import fastmask as fm
+
+    if scope not in ("global", "layer"):
+        raise ValueError(f"magnitude_prune: scope must be 'global' or 'layer', got {scope!r}")
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"magnitude_prune: sparsity must be a fraction in [0, 1), got {sparsity!r}")
+    layers = fm.masked_modules(model)
+
+    def zero_smallest(flat_abs, n_prune):
+        keep = torch.ones_like(flat_abs, dtype=torch.bool)
+        if n_prune:
+            order = torch.sort(flat_abs, stable=True).indices  # stable: ties by position, an exact count
+            keep[order[:n_prune]] = False
+        return keep
+
+    with torch.no_grad():
+        if scope == "global":
+            flat = torch.cat([layer.weight.detach().abs().flatten().float().cpu() for layer in layers.values()])
+            keep = zero_smallest(flat, int(sparsity * flat.numel()))
+            pieces = keep.split([layer.weight.numel() for layer in layers.values()])
+        else:
+            pieces = [zero_smallest(layer.weight.detach().abs().flatten().float().cpu(),
+                                    int(sparsity * layer.weight.numel())) for layer in layers.values()]
+        pruned = {}
+        for (name, layer), keep in zip(layers.items(), pieces):
+            layer.weight.mul_(keep.view(layer.weight.shape).to(layer.weight.device, layer.weight.dtype))
+            pruned[name] = 1.0 - keep.float().mean().item()
+    return pruned
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+class Encoded:
+    """Token ids (padded to the longest text, cut at max_length) of a list of texts."""
+
+    def __init__(self, tokenizer, texts: Sequence[str], max_length: int):
+        batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        self.input_ids, self.attention_mask = batch["input_ids"], batch["attention_mask"]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, indices, device):
+        """(input_ids, attention_mask) of ``indices``, trimmed to their longest text."""
+        import torch
+
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        mask = self.attention_mask[index]
+        width = max(int(mask.sum(1).max()), 1)
+        return self.input_ids[index, :width].to(device), mask[:, :width].to(device)
+
+
+def _torch_module():
+    from torch import nn
+
+    return nn
+
+
+class DisentangleModel(_torch_module().Module):
+    """A masked encoder with K masks (one per factor) and a linear head per factor.
+
+    ``grouped(ids, mask)``: the rows are K equal contiguous groups, group k through mask k: (K, rows / K, hidden).
+    ``represent(ids, mask, k)``: every row through mask k (k None: the encoder without masks)."""
+
+    def __init__(self, encoder, n_classes: Sequence[int]):
+        from torch import nn
+
+        import fastmask as fm
+
+        super().__init__()
+        self.encoder = encoder
+        self.n_masks = len(n_classes)
+        if fm.masked_modules(encoder) and next(iter(fm.masked_modules(encoder).values())).n_masks != self.n_masks:
+            raise ValueError(f"DisentangleModel: the encoder has masks of another count than the {self.n_masks} "
+                             f"factors")
+        hidden = encoder.config.hidden_size
+        self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in n_classes)
+
+    def _pooled(self, input_ids, attention_mask):
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return mean_pool(out.last_hidden_state, attention_mask)
+
+    def grouped(self, input_ids, attention_mask):
+        import fastmask as fm
+
+        rows = input_ids.shape[0]
+        if rows % self.n_masks:
+            raise ValueError(f"DisentangleModel.grouped: {rows} rows are not {self.n_masks} equal groups")
+        with fm.mask_index(self.encoder, "grouped"):
+            z = self._pooled(input_ids, attention_mask)
+        return z.view(self.n_masks, rows // self.n_masks, -1)
+
+    def represent(self, input_ids, attention_mask, k: Optional[int]):
+        import fastmask as fm
+
+        if k is None:
+            with fm.bypass(self.encoder):
+                return self._pooled(input_ids, attention_mask)
+        with fm.mask_index(self.encoder, k):
+            return self._pooled(input_ids, attention_mask)
+
+
+def step_loss(model: DisentangleModel, data: Encoded, labels, sampler, anchors: Sequence[int], step: int, config,
+              device) -> tuple:
+    """The training loss of one step and its row of history.csv (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    import fastmask as fm
+
+    rows = []
+    for k in range(model.n_masks):
+        positives, negatives = sampler.sample(anchors, k, step)
+        rows += list(anchors) + positives + negatives
+    ids, mask = data.batch(rows, device)
+    z = model.grouped(ids, mask)  # (K, 3B, hidden)
+    b = len(anchors)
+    loss, row = 0.0, {}
+    for k in range(model.n_masks):
+        za, zp, zn = z[k, :b], z[k, b:2 * b], z[k, 2 * b:]
+        y = labels[list(anchors), k].to(device)
+        ce = F.cross_entropy(model.heads[k](za), y)
+        trip = triplet_loss(za, zp, zn, config.margin)
+        density = fm.l0_penalty(model.encoder, mask=k, normalize=True)
+        loss = loss + ce + config.triplet_weight * trip + config.l0_weight * density
+        row.update({f"ce_{k}": ce.item(), f"triplet_{k}": trip.item(), f"density_{k}": density.item()})
+    if config.overlap_weight > 0:
+        overlap = overlap_penalty(model.encoder)
+        loss = loss + config.overlap_weight * overlap
+        row["overlap"] = overlap.item()
+    row = {"loss": loss.item(), **row}
+    return loss, row
+
+
+# --- probes -------------------------------------------------------------------------------------------------
+def fit_probe(features, labels, l2: float = 1e-3, iterations: int = 25):
+    """Logistic regression on standardised features (one-vs-rest for more than two classes; L2 penalty ``l2`` x n
+    on the weights, not the bias), fitted by Newton's method in float64 numpy (a few exact steps: no learning rate,
+    no autograd overhead). Returns a function features -> predicted labels (a LongTensor)."""
+    import numpy as np
+    import torch
+
+    x = features.detach().double().cpu().numpy()
+    y = torch.as_tensor(labels).cpu().numpy().astype(np.int64)
+    mean, std = x.mean(0), np.maximum(x.std(0), 1e-8)
+    design = np.hstack([(x - mean) / std, np.ones((x.shape[0], 1))])
+    ridge = l2 * x.shape[0] * np.eye(design.shape[1])
+    ridge[-1, -1] = 1e-8  # the bias is not penalised
+    classes = np.arange(max(int(y.max()) + 1 if y.size else 1, 2))
+    columns = [1] if classes.size == 2 else list(classes)
+    weights = []
+    for c in columns:
+        target = (y == c).astype(np.float64)
+        w = np.zeros(design.shape[1])
+        for _ in range(iterations):
+            p = 1.0 / (1.0 + np.exp(-np.clip(design @ w, -30, 30)))
+            gradient = design.T @ (p - target) + ridge @ w
+            hessian = (design * (p * (1 - p))[:, None]).T @ design + ridge
+            step = np.linalg.solve(hessian, gradient)
+            w -= step
+            if np.abs(step).max() < 1e-8:
+                break
+        weights.append(w)
+    weights = np.stack(weights, 1)
+
+    def predict(f):
+        scores = np.hstack([((f.detach().double().cpu().numpy() - mean) / std), np.ones((f.shape[0], 1))]) @ weights
+        chosen = (scores[:, 0] > 0).astype(np.int64) if classes.size == 2 else scores.argmax(1)
+        return torch.from_numpy(chosen)
+
+    return predict
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y, l2: float = 1e-3) -> float:
+    import torch
+
+    predict = fit_probe(train_x, train_y, l2)
+    return (predict(test_x) == torch.as_tensor(test_y)).double().mean().item()
+
+
+def leakage_table(features: dict, labels: dict, l2: float = 1e-3, train: str = "probe", test: str = "test") -> dict:
+    """{representation: [accuracy of a fresh probe for factor j]}: probes trained on split ``train``, scored on
+    ``test``. ``features[rep][split]``: (n, d) tensor; ``labels[split]``: (n, K) tensor."""
+    table = {}
+    for rep, by_split in features.items():
+        table[rep] = [probe_accuracy(by_split[train], labels[train][:, j], by_split[test], labels[test][:, j], l2)
+                      for j in range(labels[train].shape[1])]
+    return table
+
+
+def disentanglement_score(table: dict, n_factors: int) -> float:
+    """Mean over masks k of (own-factor accuracy - the largest other-factor accuracy), from a leakage table."""
+    gaps = []
+    for k in range(n_factors):
+        row = table[f"mask_{k}"]
+        gaps.append(row[k] - max(a for j, a in enumerate(row) if j != k))
+    return sum(gaps) / len(gaps)
+
+
+# --- the adversarial baseline -------------------------------------------------------------------------------
+def adversarial_features(train_x, train_labels, factor: int, steps: int, strength: float, seed: int, lr=3e-3):
+    """Gradient-reversal removal over frozen features: an MLP f trained so that a head predicts ``factor`` from
+    f(x) while adversaries for the other factors, behind a gradient-reversal layer, cannot. Returns f."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    dim = train_x.shape[1]
+    n_factors = train_labels.shape[1]
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    encoder = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+    heads = nn.ModuleList(nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, int(train_labels[:, j].max()) + 1))
+                          for j in range(n_factors))
+    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(heads.parameters()), lr=lr)
+    x = (train_x - mean) / std
+    for _ in range(steps):
+        h = encoder(x)
+        loss = 0.0
+        for j in range(n_factors):
+            inp = h if j == factor else grad_reverse(h, strength)
+            loss = loss + nn.functional.cross_entropy(heads[j](inp), train_labels[:, j])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    encoder.eval()
+    return lambda f: encoder((f - mean) / std).detach()
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+SPLITS = ("train", "probe", "test", "shifted")
+
+
+def _load_encoder(config: DisentangleConfig, device):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from .. import assets
+
+    source = assets.resolve_model(config.model)
+    encoder = AutoModel.from_pretrained(source, dtype=torch.float32).eval().to(device)  # dropout off
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return encoder, tokenizer, source
+
+
+def _load_splits(config: DisentangleConfig) -> tuple:
+    from . import disentangle_data as dd
+
+    data = dd.load_tweets(config.data_dir, confidence=config.dialect_confidence, limit=config.data_limit)
+    sizes = {"train": config.train_size, "probe": config.probe_size, "test": config.test_size,
+             "shifted": config.shifted_size}
+    agreements = {"train": config.train_agreement, "probe": 0.5, "test": 0.5, "shifted": 1 - config.train_agreement}
+    try:
+        splits = dd.correlated_splits(data, sizes, agreements, config.seed)
+    except ValueError as error:
+        raise ConfigError(f"train_size/probe_size/test_size/shifted_size: {error}") from None
+    return data, splits
+
+
+def _masked_model(encoder, config: DisentangleConfig, n_classes, prune_sparsity: float):
+    """``encoder`` with K masks (weights pruned first) and fresh heads."""
+    import fastmask as fm
+
+    mask_config = fm.MaskConfig(estimator=config.estimator, granularity=config.granularity,
+                                init_keep=config.init_keep, n_masks=len(n_classes), seed=config.seed)
+    fm.apply(encoder, mask_config)
+    pruned = magnitude_prune(encoder, prune_sparsity, config.prune_scope) if prune_sparsity > 0 else {}
+    for layer in fm.masked_modules(encoder).values():
+        layer.train()  # training-mode gates; the encoder itself stays in eval (no dropout)
+    return DisentangleModel(encoder, n_classes), pruned
+
+
+def _features(fn, data: Encoded, batch: int, device):
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([fn(*data.batch(range(i, min(i + batch, len(data))), device)).cpu()
+                          for i in range(0, len(data), batch)])
+
+
+def _mask_features(model: DisentangleModel, encoded: dict, batch: int, device, splits=SPLITS) -> dict:
+    import fastmask as fm
+
+    layers = fm.masked_modules(model.encoder).values()
+    for layer in layers:
+        layer.eval()  # deterministic gates
+    features = {f"mask_{k}": {s: _features(lambda i, m, k=k: model.represent(i, m, k), encoded[s], batch, device)
+                              for s in splits} for k in range(model.n_masks)}
+    for layer in layers:
+        layer.train()
+    return features
+
+
+def _optimizer(model: DisentangleModel, config: DisentangleConfig):
+    import torch
+
+    import fastmask as fm
+
+    return torch.optim.Adam([{"params": fm.mask_parameters(model.encoder), "lr": config.lr},
+                             {"params": list(model.heads.parameters()), "lr": config.head_lr}])
+
+
+def _train_plain(model, optimizer, encoded_train, labels, sampler, stream, steps, config, device, desc):
+    """The sweep's training loop (no checkpoints: a sweep point is cheap to redo)."""
+    from tqdm.auto import tqdm
+
+    import fastmask as fm
+
+    for step in tqdm(range(steps), desc=desc, disable=not config.progress, dynamic_ncols=True):
+        fm.set_step(model.encoder, step)
+        loss, _ = step_loss(model, encoded_train, labels, sampler, stream.next(), step, config, device)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite: bool = False, log=None) -> dict:
+    """Learn the K masks, evaluate them against the baselines, run the pruning sweep, write the results folder."""
+    import torch
+
+    import fastmask as fm
+    from .disentangle_data import TripletSampler
+
+    run = Run(config, resume=resume, overwrite=overwrite, experiment=EXPERIMENT, log=log)
+    log = run.log
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    fm.set_backend(config.backend)
+    started = time.perf_counter()
+    data, splits = _load_splits(config)
+    factors, values = data.factors, data.values
+    n_classes = [len(v) for v in values]
+    encoder, tokenizer, source = _load_encoder(config, device)
+    encoded = {s: Encoded(tokenizer, splits[s].texts, config.max_length) for s in SPLITS}
+    labels = {s: torch.tensor(splits[s].labels, dtype=torch.long) for s in SPLITS}
+    # The unmasked baseline: the original (unpruned) encoder.
+    features = {"unmasked": {s: _features(lambda i, m: mean_pool(encoder(input_ids=i, attention_mask=m)
+                                                                  .last_hidden_state, m), encoded[s],
+                                          config.eval_batch, device) for s in SPLITS}}
+    setup_seconds = time.perf_counter() - started
+
+    model, pruned = _masked_model(encoder, config, n_classes, config.prune_sparsity)
+    model.to(device)
+    optimizer = _optimizer(model, config)
+    sampler = TripletSampler(splits["train"].labels, seed=config.seed)
+    streams = {"train": BatchStream(len(encoded["train"]), config.batch_size, config.seed)}
+    params = {name: layer.logits for name, layer in fm.masked_modules(model.encoder).items()}
+    params.update({f"heads.{name}": p for name, p in model.heads.named_parameters()})
+    state = TrainState(params=params, optimizer=optimizer, model=model.encoder, streams=streams)
+    run.restore(state)
+
+    def step_fn(step: int) -> dict:
+        fm.set_step(model.encoder, step)
+        loss, row = step_loss(model, encoded["train"], labels["train"], sampler, streams["train"].next(), step,
+                              config, device)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return row
+
+    train_started = time.perf_counter()
+    history = run.train(state, step_fn, show=("loss",))
+    train_seconds = time.perf_counter() - train_started
+    run.save_masks(model.encoder)
+
+    eval_started = time.perf_counter()
+    features.update(_mask_features(model, encoded, config.eval_batch, device))
+    for k in range(len(factors)):
+        transform = adversarial_features(features["unmasked"]["train"], labels["train"], k, config.adv_steps,
+                                         config.adv_lambda, config.seed + k)
+        features[f"adversarial_{k}"] = {s: transform(features["unmasked"][s]) for s in SPLITS}
+    leakage = leakage_table(features, labels, config.probe_l2)
+    robust = leakage_table(features, labels, config.probe_l2, train="train", test="shifted")
+    in_distribution = leakage_table(features, labels, config.probe_l2, train="train", test="test")
+    sparsity = fm.sparsity(model.encoder)
+    per_mask_sparsity = [s["overall"] for s in sparsity["per_mask"]]
+    eval_seconds = time.perf_counter() - eval_started
+
+    sweep = [{"prune_sparsity": config.prune_sparsity, "steps": config.steps,
+              "disentanglement": disentanglement_score(leakage, len(factors)),
+              "mask_sparsity": per_mask_sparsity, "leakage": {k: leakage[f"mask_{k}"] for k in range(len(factors))}}]
+    sweep_started = time.perf_counter()
+    for s in config.sweep_sparsities:
+        if s == config.prune_sparsity:
+            continue
+        seed_everything(config.seed)
+        sweep_encoder, _, _ = _load_encoder(config, device)
+        sweep_model, _ = _masked_model(sweep_encoder, config, n_classes, s)
+        sweep_model.to(device)
+        _train_plain(sweep_model, _optimizer(sweep_model, config), encoded["train"], labels["train"], sampler,
+                     BatchStream(len(encoded["train"]), config.batch_size, config.seed), config.sweep_steps, config,
+                     device, desc=f"sweep {s:g}")
+        table = leakage_table(_mask_features(sweep_model, encoded, config.eval_batch, device, ("probe", "test")),
+                              labels, config.probe_l2)
+        sweep.append({"prune_sparsity": s, "steps": config.sweep_steps,
+                      "disentanglement": disentanglement_score(table, len(factors)),
+                      "mask_sparsity": [fm.sparsity(sweep_model.encoder, mask=k)["overall"]
+                                        for k in range(len(factors))],
+                      "leakage": {k: table[f"mask_{k}"] for k in range(len(factors))}})
+    sweep.sort(key=lambda row: row["prune_sparsity"])
+    sweep_seconds = time.perf_counter() - sweep_started
+
+    metrics = {
+        "experiment": EXPERIMENT, "model": config.model, "model_source": source,
+        "factors": list(factors), "values": [list(v) for v in values],
+        "data": {"raw_examples": len(data), "splits": {s: len(splits[s]) for s in SPLITS},
+                 "agreement": {s: (labels[s][:, 0] == labels[s][:, 1]).double().mean().item() for s in SPLITS}},
+        "leakage": leakage, "robustness_shifted": robust, "in_distribution_correlated_probe": in_distribution,
+        "chance": 0.5, "disentanglement": disentanglement_score(leakage, len(factors)),
+        "mask_sparsity": per_mask_sparsity, "pruned_fraction": (sum(pruned.values()) / len(pruned)) if pruned else 0.0,
+        "sweep": sweep, "final": history[-1] if history else {},
+        "seconds": {"setup": setup_seconds, "train": train_seconds, "evaluate": eval_seconds, "sweep": sweep_seconds},
+        "hardware": {"device": str(device), "machine": platform.machine(), "processor": platform.processor(),
+                     "torch_threads": torch.get_num_threads()},
+    }
+    run.write_metrics(metrics)
+    _plots(run, history, metrics)
+    run.write_report(report_markdown(config, metrics))
+    print(run.finished_message())
+    return metrics
+
+
+def _plots(run: Run, history, metrics) -> None:
+    factors = metrics["factors"]
+    run.plot_history(history, ["loss"] + [f"ce_{k}" for k in range(len(factors))]
+                     + [f"triplet_{k}" for k in range(len(factors))], "loss.png", title="training loss")
+    plt = pyplot()
+    if plt is None:
+        return
+    reps = list(metrics["leakage"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(reps)), 4))
+    width = 0.8 / len(factors)
+    for j, name in enumerate(factors):
+        ax.bar([i + j * width for i in range(len(reps))], [metrics["leakage"][r][j] for r in reps], width,
+               label=f"probe for {name}")
+    ax.axhline(metrics["chance"], color="gray", ls="--", lw=1, label="chance")
+    ax.set_xticks([i + width * (len(factors) - 1) / 2 for i in range(len(reps))], reps, rotation=20)
+    ax.set_ylabel("probe accuracy (balanced test)")
+    ax.set_ylim(0.3, 1.0)
+    ax.legend(fontsize=8)
+    ax.set_title("leakage: each representation probed for every factor")
+    save_figure(fig, run.path("leakage.png"))
+    sweep = metrics["sweep"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["prune_sparsity"] for r in sweep], [r["disentanglement"] for r in sweep], "o-")
+    ax.set_xlabel("magnitude-pruning sparsity")
+    ax.set_ylabel("own - other probe accuracy (mean over masks)")
+    ax.grid(alpha=0.3)
+    ax.set_title("sparsity vs disentanglement")
+    save_figure(fig, run.path("sweep.png"))
+
+
+def report_markdown(config: DisentangleConfig, metrics: dict) -> str:
+    factors = metrics["factors"]
+    header = ["representation"] + [f"probe: {f}" for f in factors]
+    leak = markdown_table(header, [[r] + row for r, row in metrics["leakage"].items()], digits=3)
+    own_rows = []
+    for r in metrics["leakage"]:
+        if r.startswith(("mask_", "adversarial_")):
+            k = int(r.rsplit("_", 1)[1])
+            own_rows.append([r, factors[k], metrics["in_distribution_correlated_probe"][r][k],
+                             metrics["robustness_shifted"][r][k]])
+        else:
+            for k, f in enumerate(factors):
+                own_rows.append([r, f, metrics["in_distribution_correlated_probe"][r][k],
+                                 metrics["robustness_shifted"][r][k]])
+    robust = markdown_table(["representation", "factor", "balanced test", "shifted test"], own_rows, digits=3)
+    sweep = markdown_table(["pruning sparsity", "steps", "disentanglement", "mask sparsity (per mask)"],
+                           [[r["prune_sparsity"], r["steps"], r["disentanglement"],
+                             ", ".join(f"{s:.3f}" for s in r["mask_sparsity"])] for r in metrics["sweep"]], digits=3)
+    data = metrics["data"]
+    sec = metrics["seconds"]
+    return f"""# fastmask run disentangle
+
+Disentangling representations by masking (Zhang, van de Meent, Wallace, EMNLP 2021) on `{config.model}`
+(`{metrics['model_source']}`): {len(factors)} masks ({config.estimator}, granularity {config.granularity}) learned in
+one forward pass per batch with fastmask's K-mask layers; {config.steps} steps of {config.batch_size} anchors;
+triplet weight {config.triplet_weight}, margin {config.margin}, overlap weight {config.overlap_weight}, L0 weight
+{config.l0_weight}; magnitude pruning {config.prune_sparsity:g} ({config.prune_scope}) before masking.
+
+## Data (offline setting)
+
+The paper's setting 2 built from what is reachable offline: Davidson et al. (2017) tweets, **{factors[0]}**
+({' / '.join(metrics['values'][0])}) x **{factors[1]}** ({' / '.join(metrics['values'][1])}) inferred with the
+TwitterAAE demographic model (AAE share of AAE + White proportions >= {config.dialect_confidence}; tweets in
+between dropped; re-implemented predictor, whitespace tokens). {data['raw_examples']} labelled tweets; splits
+{data['splits']}; fraction of examples whose two labels agree: {', '.join(f'{s} {a:.2f}' for s, a in data['agreement'].items())}.
+
+## Leakage (probes trained on the balanced probe split, scored on the balanced test split; chance 0.5)
+
+Each mask should predict its own factor well and the other near chance.
+
+{leak}
+
+`mask_k`: the encoder under mask k (factor k = {', '.join(f'{k}: {f}' for k, f in enumerate(factors))});
+`unmasked`: the original encoder; `adversarial_k`: gradient-reversal removal of the other factors over the frozen
+unmasked features, trained for factor k on the training split. Disentanglement (mean over masks of own - best other
+accuracy): **{metrics['disentanglement']:.3f}**. Mask sparsity (eval gates): {', '.join(f'{s:.3f}' for s in metrics['mask_sparsity'])}.
+
+![leakage](leakage.png)
+
+## Robustness to a shifted correlation
+
+Probes for the factor trained on the correlated training split (agreement {data['agreement']['train']:.2f}), scored on
+the balanced test split and on the shifted split (agreement {data['agreement']['shifted']:.2f}).
+
+{robust}
+
+## Sparsity vs disentanglement (pruning sweep)
+
+{sweep}
+
+![sweep](sweep.png)
+
+## Cost
+
+setup {sec['setup']:.0f} s, mask training {sec['train']:.0f} s, evaluation {sec['evaluate']:.0f} s, sweep
+{sec['sweep']:.0f} s on {metrics['hardware']['device']} ({metrics['hardware']['torch_threads']} torch threads).
+
+## Deviations and what is not done
+
+- The adversarial baseline trains an MLP over frozen mean-pooled features (not a fine-tuned encoder).
+- No fully fine-tuned encoder baseline; pruning happens before masking only (no gradual pruning with masking).
+- Only the toxicity x dialect setting; the sweep points train for `sweep_steps` ({config.sweep_steps}) steps and are
+  not checkpointed (a `--resume` repeats them).
+
+Files: `metrics.json`, `history.csv`, `masks/`, `loss.png`, `leakage.png`, `sweep.png`, `config.json`.
+"""
+
+
+# --- command line -------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, DisentangleConfig)
+
+
+def run_from_args(args) -> int:
+    from ..assets import AssetUnavailable
+
+    try:
+        config = config_from_args(DisentangleConfig, args, experiment=EXPERIMENT)
+        run_experiment(config, resume=args.resume, overwrite=args.overwrite)
+    except (CheckpointError, AssetUnavailable) as error:  # ConfigError: a usage error (fastmask.cli)
+        raise SystemExit(f"fastmask run disentangle: {error}") from None
+    return 0
+
+
+__all__ = ["DisentangleConfig", "DisentangleModel", "Encoded", "mean_pool", "triplet_loss", "overlap_penalty",
+           "keep_probability", "grad_reverse", "magnitude_prune", "step_loss", "fit_probe", "probe_accuracy",
+           "leakage_table", "disentanglement_score", "adversarial_features", "run_experiment", "add_arguments",
+           "run_from_args"]

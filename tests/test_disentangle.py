@@ -1,0 +1,276 @@
+"""`fastmask run disentangle`: the TwitterAAE predictor against the released examples, correlated splits, the triplet
+sampler, the losses by hand, the K-mask grouped forward against K separate single-mask models, magnitude pruning,
+gradient reversal, the leakage probes on synthetic features with a known answer, and the CLI end to end on a tiny
+random BERT with the real MiniLM tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import fastmask as fm
+from fastmask.experiments import disentangle as dis
+from fastmask.experiments import disentangle_data as dd
+
+from conftest import SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer random BERT (hidden 32) with the real all-MiniLM-L6-v2 tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from fastmask import assets
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(assets.minilm_dir()).save_pretrained(folder)
+    return folder
+
+
+def _encoder(folder):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(folder).eval()
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+def test_twitteraae_predictor_reproduces_the_released_examples():
+    model = dd.twitter_aae(SHARED_DATA / "twitteraae")
+    # The README of slanglab/twitteraae: predict("hello there".split()) and predict("af af af".split())
+    expected = {"hello there": [0.16603718, 0.27450171, 0.22886004, 0.33060107],
+                "af af af": [8.42944382e-01, 1.32149345e-01, 1.11905398e-04, 2.47943681e-02]}
+    for text, proportions in expected.items():
+        got = model.predict(text.split())
+        assert got.sum() == pytest.approx(1.0)
+        assert got == pytest.approx(proportions, abs=5e-5), text
+    assert model.predict(["qqqzzzxxyy"]) is None  # no known token: no prediction, as released
+
+
+def test_correlated_splits_have_the_chosen_agreement_and_are_disjoint():
+    labels = [(a, b) for a in (0, 1) for b in (0, 1) for _ in range(50)]
+    data = dd.FactorData([f"text {i}" for i in range(len(labels))], labels, ("f0", "f1"), (("a", "b"), ("c", "d")))
+    splits = dd.correlated_splits(data, {"train": 40, "shifted": 20}, {"train": 0.8, "shifted": 0.2}, seed=3)
+    for name, n, agreement in (("train", 40, 0.8), ("shifted", 20, 0.2)):
+        rows = splits[name].labels
+        assert len(rows) == n
+        assert sum(a == b for a, b in rows) == round(n * agreement)
+        assert sum(a for a, _ in rows) == n // 2  # each factor balanced
+    assert not set(splits["train"].texts) & set(splits["shifted"].texts)
+    again = dd.correlated_splits(data, {"train": 40, "shifted": 20}, {"train": 0.8, "shifted": 0.2}, seed=3)
+    assert again["train"].texts == splits["train"].texts
+    with pytest.raises(ValueError, match="f0=a, f1=d"):
+        dd.correlated_splits(data, {"train": 200}, {"train": 0.0}, seed=0)
+
+
+def test_triplet_sampler_positives_share_negatives_differ_and_are_deterministic():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (30, 2), generator=gen).tolist()
+    sampler = dd.TripletSampler(labels, seed=7)
+    anchors = list(range(30))
+    for factor in (0, 1):
+        positives, negatives = sampler.sample(anchors, factor, step=5)
+        for a, p, n in zip(anchors, positives, negatives):
+            assert p != a and labels[p][factor] == labels[a][factor]
+            assert labels[n][factor] != labels[a][factor]
+    assert sampler.sample(anchors, 0, 5) == dd.TripletSampler(labels, seed=7).sample(anchors, 0, 5)
+    assert sampler.sample(anchors, 0, 5) != sampler.sample(anchors, 0, 6)
+    assert sampler.sample(anchors, 0, 5) != dd.TripletSampler(labels, seed=8).sample(anchors, 0, 5)
+    with pytest.raises(ValueError, match="factor 1 has a single value"):
+        dd.TripletSampler([(0, 1), (1, 1)])
+
+
+# --- losses by hand -----------------------------------------------------------------------------------------
+def test_triplet_loss_and_mean_pool_by_hand():
+    a = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    p = torch.tensor([[3.0, 4.0], [1.0, 1.0]])   # distances 5, 0
+    n = torch.tensor([[0.0, 1.0], [1.0, 3.0]])   # distances 1, 2
+    # max(0, 5 - 1 + 0.5) = 4.5, max(0, 0 - 2 + 0.5) = 0
+    assert dis.triplet_loss(a, p, n, margin=0.5).item() == pytest.approx(2.25)
+    hidden = torch.tensor([[[1.0], [3.0], [100.0]]])
+    assert dis.mean_pool(hidden, torch.tensor([[1, 1, 0]])).item() == pytest.approx(2.0)
+
+
+def test_overlap_penalty_and_gradient_reversal_by_hand(tiny_bert_dir):
+    encoder = fm.apply(_encoder(tiny_bert_dir), fm.MaskConfig(estimator="threshold_st", n_masks=2, tau=0.5))
+    layers = fm.masked_modules(encoder)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.logits.copy_(torch.randn(layer.logits.shape, generator=gen))
+    products = sum((torch.sigmoid(l.logits[0] - 0.5) * torch.sigmoid(l.logits[1] - 0.5)).sum() for l in layers.values())
+    total = sum(l.weight.numel() for l in layers.values())
+    assert dis.overlap_penalty(encoder).item() == pytest.approx((products / total).item(), rel=1e-5)
+
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = dis.grad_reverse(x, 0.7)
+    assert torch.equal(y, x.detach())
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([-0.7, -1.4, -2.1]))
+
+
+# --- the K-mask model ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("estimator,training", [("threshold_st", True), ("hard_concrete", False)])
+def test_grouped_forward_equals_k_separate_single_mask_passes(tiny_bert_dir, estimator, training):
+    from transformers import AutoTokenizer
+
+    base = _encoder(tiny_bert_dir)
+    singles = [copy.deepcopy(base) for _ in range(2)]
+    config = fm.MaskConfig(estimator=estimator, granularity="unit_in", seed=3)
+    model = dis.DisentangleModel(fm.apply(base, fm.MaskConfig(**{**config.to_dict(), "n_masks": 2})), [2, 3])
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in fm.masked_modules(model.encoder).values():
+            layer.logits.copy_(torch.randn(layer.logits.shape, generator=gen) * 2)
+    for k, single in enumerate(singles):
+        fm.apply(single, config)
+        for name, layer in fm.masked_modules(single).items():
+            with torch.no_grad():
+                layer.logits.copy_(fm.masked_modules(model.encoder)[name].logits[k])
+    for m in [model.encoder] + singles:
+        for layer in fm.masked_modules(m).values():
+            layer.train(training)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = ["a good day", "this is bad news for everyone", "ok", "what", "so so", "never again, really"]
+    data = dis.Encoded(tokenizer, texts, max_length=16)
+    ids, mask = data.batch(range(6), "cpu")
+    z = model.grouped(ids, mask)
+    assert z.shape == (2, 3, 32)
+    for k, single in enumerate(singles):
+        rows = slice(3 * k, 3 * k + 3)
+        expected = dis.mean_pool(single(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state, mask[rows])
+        torch.testing.assert_close(z[k], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.represent(ids[rows], mask[rows], k), expected, rtol=1e-4, atol=1e-5)
+    # the unmasked representation is the original encoder
+    plain = _encoder(tiny_bert_dir)
+    torch.testing.assert_close(model.represent(ids, mask, None),
+                               dis.mean_pool(plain(input_ids=ids, attention_mask=mask).last_hidden_state, mask))
+
+
+def test_magnitude_pruning_removes_an_exact_fraction_globally_or_per_layer(tiny_bert_dir):
+    for scope in ("global", "layer"):
+        encoder = fm.apply(_encoder(tiny_bert_dir), fm.MaskConfig(n_masks=2))
+        layers = fm.masked_modules(encoder)
+        before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+        pruned = dis.magnitude_prune(encoder, 0.3, scope)
+        total = sum(w.numel() for w in before.values())
+        zeros = sum(int((layer.weight == 0).sum()) for layer in layers.values())
+        if scope == "layer":
+            for name, layer in layers.items():
+                assert int((layer.weight == 0).sum()) == int(0.3 * layer.weight.numel())
+                assert pruned[name] == pytest.approx(int(0.3 * layer.weight.numel()) / layer.weight.numel())
+        else:
+            assert zeros == int(0.3 * total)
+            assert max(pruned.values()) - min(pruned.values()) > 0.01  # one threshold: layers differ
+            # every kept weight is at least as large as every removed one
+            kept = torch.cat([layer.weight.detach().abs().flatten() for layer in layers.values()])
+            removed = torch.cat([before[n].abs()[layers[n].weight == 0] for n in layers])
+            assert kept[kept > 0].min() >= removed.max()
+        for name, layer in layers.items():  # the others are untouched
+            nonzero = layer.weight != 0
+            assert torch.equal(layer.weight[nonzero], before[name][nonzero])
+    with pytest.raises(ValueError, match="scope"):
+        dis.magnitude_prune(encoder, 0.3, "row")
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------
+def test_leakage_table_on_synthetic_features_with_a_known_answer():
+    gen = torch.Generator().manual_seed(0)
+    labels = {s: torch.randint(0, 2, (400, 2), generator=gen) for s in ("probe", "test")}
+
+    def carrying(factor, split):  # feature 0 = the factor's label + small noise, the rest noise
+        x = torch.randn(400, 4, generator=gen)
+        if factor is not None:
+            x[:, 0] += 4 * labels[split][:, factor].float()
+        return x
+
+    features = {name: {s: carrying(f, s) for s in labels} for name, f in
+                (("mask_0", 0), ("mask_1", 1), ("noise", None))}
+    table = dis.leakage_table(features, labels)
+    assert table["mask_0"][0] > 0.95 and abs(table["mask_0"][1] - 0.5) < 0.1
+    assert table["mask_1"][1] > 0.95 and abs(table["mask_1"][0] - 0.5) < 0.1
+    assert all(abs(a - 0.5) < 0.1 for a in table["noise"])
+    assert dis.disentanglement_score(table, 2) == pytest.approx(
+        (table["mask_0"][0] - table["mask_0"][1] + table["mask_1"][1] - table["mask_1"][0]) / 2)
+
+
+def test_adversarial_removal_hides_the_other_factor():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (300, 2), generator=gen)
+    x = torch.randn(300, 4, generator=gen)
+    x[:, 0] += 3 * labels[:, 0]
+    x[:, 1] += 3 * labels[:, 1]
+    keep = dis.adversarial_features(x[:200], labels[:200], factor=0, steps=100, strength=1.0, seed=0)
+    removed_without = dis.adversarial_features(x[:200], labels[:200], factor=0, steps=100, strength=0.0, seed=0)
+    other = [dis.probe_accuracy(f(x[:200]), labels[:200, 1], f(x[200:]), labels[200:, 1])
+             for f in (keep, removed_without)]
+    own = dis.probe_accuracy(keep(x[:200]), labels[:200, 0], keep(x[200:]), labels[200:, 0])
+    assert own > 0.85
+    assert other[0] < other[1] - 0.1  # gradient reversal removes the other factor that plain training keeps
+
+
+# --- command line -------------------------------------------------------------------------------------------
+TINY_RUN = ["--data-limit", "5000", "--train-size", "60", "--probe-size", "40", "--test-size", "40",
+            "--shifted-size", "40", "--steps", "3", "--batch-size", "4", "--sweep-sparsities", "0.5",
+            "--sweep-steps", "2", "--adv-steps", "5", "--no-progress", "--checkpoint-every", "2",
+            "--overlap-weight", "0.1", "--l0-weight", "0.1", "--prune-sparsity", "0.2"]
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    dis.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_end_to_end_on_a_tiny_bert(tiny_bert_dir, tmp_path):
+    from fastmask.cli import build_parser
+
+    out = tmp_path / "run"
+    args = build_parser().parse_args(["run", "disentangle", "--model", str(tiny_bert_dir), *TINY_RUN,
+                                      "--out", str(out), "--data-dir", str(SHARED_DATA)])
+    assert dis.run_from_args(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["leakage"]) == {"unmasked", "mask_0", "mask_1", "adversarial_0", "adversarial_1"}
+    assert all(0 <= a <= 1 for row in metrics["leakage"].values() for a in row)
+    assert metrics["data"]["splits"] == {"train": 60, "probe": 40, "test": 40, "shifted": 40}
+    assert metrics["data"]["agreement"]["train"] == pytest.approx(0.8)
+    assert metrics["data"]["agreement"]["shifted"] == pytest.approx(0.2)
+    assert [r["prune_sparsity"] for r in metrics["sweep"]] == [0.2, 0.5]
+    assert metrics["pruned_fraction"] > 0.15
+    history = (out / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 3 and "triplet_1" in history[0] and "overlap" in history[0]
+    for name in ("report.md", "config.json", "leakage.png", "sweep.png", "loss.png"):
+        assert (out / name).is_file(), name
+    assert "Leakage" in (out / "report.md").read_text()
+    # the masks belong to the pruned encoder: the same pruning of a fresh copy takes them back
+    config = json.loads((out / "config.json").read_text())
+    encoder = fm.apply(_encoder(tiny_bert_dir), fm.MaskConfig(estimator=config["estimator"], n_masks=2,
+                                                                init_keep=config["init_keep"], seed=config["seed"]))
+    dis.magnitude_prune(encoder, 0.2, "global")
+    fm.load_masks(encoder, out / "masks")
+    zeros = sum(int((layer.weight == 0).sum()) for layer in fm.masked_modules(encoder).values())
+    assert zeros == int(0.2 * sum(layer.weight.numel() for layer in fm.masked_modules(encoder).values()))
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    from fastmask.experiments.runner import ConfigError, config_from_args
+
+    for flag, value, message in (("--train-agreement", "1.5", "train_agreement"),
+                                 ("--prune-sparsity", "1", "prune_sparsity"),
+                                 ("--margin", "0", "margin")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_args(dis.DisentangleConfig, _parse([flag, value, "--out", str(tmp_path / "x")]),
+                             experiment="disentangle")
+    with pytest.raises(ConfigError, match="shifted_size"):
+        dis.run_experiment(config_from_args(dis.DisentangleConfig, _parse(
+            ["--data-limit", "300", "--out", str(tmp_path / "y"), "--data-dir", str(SHARED_DATA), "--no-progress"]),
+            experiment="disentangle"))
