@@ -550,6 +550,27 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
     sweep = [{"prune_sparsity": config.prune_sparsity, "steps": config.steps,
               "disentanglement": disentanglement_score(leakage, len(factors)),
               "mask_sparsity": per_mask_sparsity, "leakage": {k: leakage[f"mask_{k}"] for k in range(len(factors))}}]
+    metrics = {
+        "experiment": EXPERIMENT, "model": config.model, "model_source": source,
+        "factors": list(factors), "values": [list(v) for v in values],
+        "data": {"raw_examples": len(data), "splits": {s: len(splits[s]) for s in SPLITS},
+                 "agreement": {s: (labels[s][:, 0] == labels[s][:, 1]).double().mean().item() for s in SPLITS}},
+        "leakage": leakage, "robustness_shifted": robust, "in_distribution_correlated_probe": in_distribution,
+        "chance": 0.5, "disentanglement": disentanglement_score(leakage, len(factors)),
+        "mask_sparsity": per_mask_sparsity, "pruned_fraction": (sum(pruned.values()) / len(pruned)) if pruned else 0.0,
+        "sweep": sweep, "final": history[-1] if history else {},
+        "seconds": {"setup": setup_seconds, "train": train_seconds, "evaluate": eval_seconds, "sweep": 0.0},
+        "hardware": {"device": str(device), "machine": platform.machine(), "processor": platform.processor(),
+                     "torch_threads": torch.get_num_threads()},
+    }
+
+    def write_results() -> None:  # after the main evaluation and after each sweep point: a stopped sweep keeps them
+        metrics["sweep"] = sorted(sweep, key=lambda row: row["prune_sparsity"])
+        run.write_metrics(metrics)
+        _plots(run, history, metrics)
+        run.write_report(report_markdown(config, metrics))
+
+    write_results()
     sweep_started = time.perf_counter()
     for s in config.sweep_sparsities:
         if s == config.prune_sparsity:
@@ -568,25 +589,9 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
                       "mask_sparsity": [fm.sparsity(sweep_model.encoder, mask=k)["overall"]
                                         for k in range(len(factors))],
                       "leakage": {k: table[f"mask_{k}"] for k in range(len(factors))}})
-    sweep.sort(key=lambda row: row["prune_sparsity"])
-    sweep_seconds = time.perf_counter() - sweep_started
+        metrics["seconds"]["sweep"] = time.perf_counter() - sweep_started
+        write_results()
 
-    metrics = {
-        "experiment": EXPERIMENT, "model": config.model, "model_source": source,
-        "factors": list(factors), "values": [list(v) for v in values],
-        "data": {"raw_examples": len(data), "splits": {s: len(splits[s]) for s in SPLITS},
-                 "agreement": {s: (labels[s][:, 0] == labels[s][:, 1]).double().mean().item() for s in SPLITS}},
-        "leakage": leakage, "robustness_shifted": robust, "in_distribution_correlated_probe": in_distribution,
-        "chance": 0.5, "disentanglement": disentanglement_score(leakage, len(factors)),
-        "mask_sparsity": per_mask_sparsity, "pruned_fraction": (sum(pruned.values()) / len(pruned)) if pruned else 0.0,
-        "sweep": sweep, "final": history[-1] if history else {},
-        "seconds": {"setup": setup_seconds, "train": train_seconds, "evaluate": eval_seconds, "sweep": sweep_seconds},
-        "hardware": {"device": str(device), "machine": platform.machine(), "processor": platform.processor(),
-                     "torch_threads": torch.get_num_threads()},
-    }
-    run.write_metrics(metrics)
-    _plots(run, history, metrics)
-    run.write_report(report_markdown(config, metrics))
     print(run.finished_message())
     return metrics
 
@@ -680,6 +685,9 @@ the balanced test split and on the shifted split (agreement {data['agreement']['
 ## Sparsity vs disentanglement (pruning sweep)
 
 {sweep}
+
+{len(metrics['sweep'])} of {len({config.prune_sparsity, *config.sweep_sparsities})} pruning sparsities done (the
+main run, then each sweep point; the results are rewritten after each).
 
 ![sweep](sweep.png)
 
