@@ -40,61 +40,58 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
-from .runner import (BatchStream, CheckpointError, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check,
-                     config_from_args, markdown_table, pyplot, resolve_device, save_figure, seed_everything)
+from .runner import (BatchStream, CheckpointError, ConfigError, Run, RunConfig, TrainState, add_config_arguments,
+                     check, config_from_args, help_metadata, markdown_table, pyplot, resolve_device, save_figure,
+                     seed_everything)
 
 EXPERIMENT = "disentangle"
 ESTIMATORS = ("threshold_st", "hard_concrete", "gumbel_sigmoid_st")
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass
 class DisentangleConfig(RunConfig):
     """Defaults: the paper's method on the offline tweets, sized for a few minutes on a 2-core CPU (see README)."""
 
-    steps: int = field(default=60, metadata=_help("mask-learning steps"))
-    checkpoint_every: int = field(default=20, metadata=_help("steps between checkpoints (0: only at the end)"))
-    model: str = field(default="all-minilm-l6-v2", metadata=_help(
+    steps: int = field(default=60, metadata=help_metadata("mask-learning steps"))
+    checkpoint_every: int = field(default=20, metadata=help_metadata("steps between checkpoints (0: only at the end)"))
+    model: str = field(default="all-minilm-l6-v2", metadata=help_metadata(
         "encoder: a packaged model name, a local folder or a Hugging Face hub id"))
-    data: Literal["tweets"] = field(default="tweets", metadata=_help(
+    data: Literal["tweets"] = field(default="tweets", metadata=help_metadata(
         "two-factor data: tweets = Davidson toxicity x TwitterAAE dialect (offline)"))
-    data_limit: Optional[int] = field(default=None, metadata=_help("read only the first N raw examples (tests)"))
-    dialect_confidence: float = field(default=0.6, metadata=_help(
+    data_limit: Optional[int] = field(default=None, metadata=help_metadata("read only the first N raw examples (tests)"))
+    dialect_confidence: float = field(default=0.6, metadata=help_metadata(
         "AAE share of the AAE+White proportions needed for an AAE (or 1 - it for a White-aligned) label"))
-    train_size: int = field(default=600, metadata=_help("training split size (masks, heads, robustness probes)"))
-    probe_size: int = field(default=300, metadata=_help("balanced split the leakage probes are trained on"))
-    test_size: int = field(default=300, metadata=_help("balanced split the leakage probes are scored on"))
-    shifted_size: int = field(default=300, metadata=_help("test split with the reversed factor correlation"))
-    train_agreement: float = field(default=0.8, metadata=_help(
+    train_size: int = field(default=600, metadata=help_metadata("training split size (masks, heads, robustness probes)"))
+    probe_size: int = field(default=300, metadata=help_metadata("balanced split the leakage probes are trained on"))
+    test_size: int = field(default=300, metadata=help_metadata("balanced split the leakage probes are scored on"))
+    shifted_size: int = field(default=300, metadata=help_metadata("test split with the reversed factor correlation"))
+    train_agreement: float = field(default=0.8, metadata=help_metadata(
         "fraction of training examples whose two factor labels agree (0.5: uncorrelated)"))
-    max_length: int = field(default=24, metadata=_help("tokens per text (longer ones are cut)"))
-    batch_size: int = field(default=6, metadata=_help("anchors per step (x 3 texts x K masks per forward)"))
+    max_length: int = field(default=24, metadata=help_metadata("tokens per text (longer ones are cut)"))
+    batch_size: int = field(default=6, metadata=help_metadata("anchors per step (x 3 texts x K masks per forward)"))
     estimator: Literal["threshold_st", "hard_concrete", "gumbel_sigmoid_st"] = field(
-        default="threshold_st", metadata=_help("mask estimator (threshold_st: the paper's)"))
-    granularity: Literal["weight", "unit_in", "unit_out"] = field(default="weight", metadata=_help(
+        default="threshold_st", metadata=help_metadata("mask estimator (threshold_st: the paper's)"))
+    granularity: Literal["weight", "unit_in", "unit_out"] = field(default="weight", metadata=help_metadata(
         "mask weights or hidden units of every attention/MLP linear layer"))
-    init_keep: float = field(default=0.9, metadata=_help("initial keep probability of every gate"))
-    lr: float = field(default=0.1, metadata=_help("Adam learning rate of the mask logits"))
-    head_lr: float = field(default=0.003, metadata=_help("Adam learning rate of the classification heads"))
-    triplet_weight: float = field(default=1.0, metadata=_help("weight of the triplet loss"))
-    margin: float = field(default=1.0, metadata=_help("triplet margin (Euclidean distance of pooled vectors)"))
-    overlap_weight: float = field(default=0.0, metadata=_help("weight of the mask-overlap penalty"))
-    l0_weight: float = field(default=0.0, metadata=_help("weight of each mask's expected density (L0)"))
-    prune_sparsity: float = field(default=0.0, metadata=_help(
+    init_keep: float = field(default=0.9, metadata=help_metadata("initial keep probability of every gate"))
+    lr: float = field(default=0.1, metadata=help_metadata("Adam learning rate of the mask logits"))
+    head_lr: float = field(default=0.003, metadata=help_metadata("Adam learning rate of the classification heads"))
+    triplet_weight: float = field(default=1.0, metadata=help_metadata("weight of the triplet loss"))
+    margin: float = field(default=1.0, metadata=help_metadata("triplet margin (Euclidean distance of pooled vectors)"))
+    overlap_weight: float = field(default=0.0, metadata=help_metadata("weight of the mask-overlap penalty"))
+    l0_weight: float = field(default=0.0, metadata=help_metadata("weight of each mask's expected density (L0)"))
+    prune_sparsity: float = field(default=0.0, metadata=help_metadata(
         "fraction of the masked layers' weights removed by magnitude pruning before masking"))
-    prune_scope: Literal["global", "layer"] = field(default="global", metadata=_help(
+    prune_scope: Literal["global", "layer"] = field(default="global", metadata=help_metadata(
         "magnitude threshold over all masked layers together, or per layer"))
-    sweep_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8], metadata=_help(
+    sweep_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8], metadata=help_metadata(
         "pruning sparsities of the sparsity-vs-disentanglement curve (comma separated; empty: no sweep)"))
-    sweep_steps: int = field(default=30, metadata=_help("mask-learning steps per sweep point"))
-    adv_steps: int = field(default=300, metadata=_help("full-batch steps of the adversarial baseline"))
-    adv_lambda: float = field(default=1.0, metadata=_help("gradient-reversal strength of the adversarial baseline"))
-    probe_l2: float = field(default=1e-3, metadata=_help("L2 penalty of the logistic-regression probes"))
-    eval_batch: int = field(default=64, metadata=_help("texts per forward when extracting features"))
-    backend: Literal["auto", "reference", "cpu", "cuda", "triton"] = field(default="auto", metadata=_help(
+    sweep_steps: int = field(default=30, metadata=help_metadata("mask-learning steps per sweep point"))
+    adv_steps: int = field(default=300, metadata=help_metadata("full-batch steps of the adversarial baseline"))
+    adv_lambda: float = field(default=1.0, metadata=help_metadata("gradient-reversal strength of the adversarial baseline"))
+    probe_l2: float = field(default=1e-3, metadata=help_metadata("L2 penalty of the logistic-regression probes"))
+    eval_batch: int = field(default=64, metadata=help_metadata("texts per forward when extracting features"))
+    backend: Literal["auto", "reference", "cpu", "cuda", "triton"] = field(default="auto", metadata=help_metadata(
         "fastmask op backend (fastmask.set_backend); auto: the fastest available per device"))
 
     def validate(self) -> "DisentangleConfig":

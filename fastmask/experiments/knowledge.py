@@ -40,67 +40,64 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from .runner import (BatchStream, CheckpointError, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check,
-                     config_from_args, markdown_table, pyplot, resolve_device, save_figure, seed_everything)
+from .runner import (BatchStream, CheckpointError, ConfigError, Run, RunConfig, TrainState, add_config_arguments,
+                     check, config_from_args, help_metadata, markdown_table, pyplot, resolve_device, save_figure,
+                     seed_everything)
 
 EXPERIMENT = "knowledge"
 
 
 # --- configuration ------------------------------------------------------------------------------------------
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class KnowledgeConfig(RunConfig):
     """Defaults: the paper's method with a CPU-sized budget on the packaged SmolLM2-135M (see README)."""
 
-    steps: int = field(default=300, metadata=_help("optimisation steps"))
-    checkpoint_every: int = field(default=50, metadata=_help("steps between checkpoints (0: only at the end)"))
-    model: str = field(default="smollm2-135m", metadata=_help(
+    steps: int = field(default=300, metadata=help_metadata("optimisation steps"))
+    checkpoint_every: int = field(default=50, metadata=help_metadata("steps between checkpoints (0: only at the end)"))
+    model: str = field(default="smollm2-135m", metadata=help_metadata(
         "causal LM: a fastmask asset name (smollm2-135m), a local folder or a hub id (gpt2, gpt2-xl, ...)"))
-    target: str = field(default="building.n.01", metadata=_help("WordNet synset whose TargetKG is suppressed"))
-    targetkg_source: Literal["auto", "paper", "wordnet"] = field(default="auto", metadata=_help(
+    target: str = field(default="building.n.01", metadata=help_metadata("WordNet synset whose TargetKG is suppressed"))
+    targetkg_source: Literal["auto", "paper", "wordnet"] = field(default="auto", metadata=help_metadata(
         "paper: the released set of the synset; wordnet: built from WordNet 3.0; auto: paper when released"))
-    targetkg_size: Optional[int] = field(default=20, metadata=_help(
+    targetkg_size: Optional[int] = field(default=20, metadata=help_metadata(
         "wordnet TargetKG: triplets sampled from the synset's graph (none: all)"))
-    targetkg_depth: int = field(default=2, metadata=_help("wordnet TargetKG: depth of the hyponym tree"))
-    targetkg_ancestors: int = field(default=2, metadata=_help("wordnet TargetKG: hypernym edges above the synset"))
-    controlkg_source: Literal["auto", "wordnet", "paper"] = field(default="auto", metadata=_help(
+    targetkg_depth: int = field(default=2, metadata=help_metadata("wordnet TargetKG: depth of the hyponym tree"))
+    targetkg_ancestors: int = field(default=2, metadata=help_metadata("wordnet TargetKG: hypernym edges above the synset"))
+    controlkg_source: Literal["auto", "wordnet", "paper"] = field(default="auto", metadata=help_metadata(
         "training ControlKG: wordnet (sampled from WordNet 3.0) or paper (the released validation set minus the "
         "evaluation part; the paper's training set was not released); auto: wordnet when reachable"))
-    controlkg_size: int = field(default=64, metadata=_help("training ControlKG triplets"))
-    controlkg_eval_size: int = field(default=50, metadata=_help(
+    controlkg_size: int = field(default=64, metadata=help_metadata("training ControlKG triplets"))
+    controlkg_eval_size: int = field(default=50, metadata=help_metadata(
         "held-out ControlKG triplets for evaluation (the first of the released validation set, as the paper)"))
-    template: Literal["auto", "lowest-ppl", "released", "fixed"] = field(default="auto", metadata=_help(
+    template: Literal["auto", "lowest-ppl", "released", "fixed"] = field(default="auto", metadata=help_metadata(
         "sentence per triplet: lowest-ppl under the model (the paper's rule), released (the paper's choice, GPT-2 "
         "models), fixed (the first template); auto: released for gpt2* models, else lowest-ppl"))
-    tail_tokens: Literal["all", "last"] = field(default="all", metadata=_help(
+    tail_tokens: Literal["all", "last"] = field(default="all", metadata=help_metadata(
         "scored tokens of the tail word: all of them or only the last (the released code)"))
-    lm_source: Literal["auto", "local", "hub"] = field(default="auto", metadata=_help(
+    lm_source: Literal["auto", "local", "hub"] = field(default="auto", metadata=help_metadata(
         "WikiText-2: local shared data folder or the hub (wikitext-2-raw-v1); auto: local when present"))
-    lm_block_size: int = field(default=64, metadata=_help("tokens per WikiText-2 block"))
-    lm_train_blocks: int = field(default=64, metadata=_help("WikiText-2 blocks for the LM-maintenance loss"))
-    lm_eval_blocks: int = field(default=16, metadata=_help("held-out WikiText-2 blocks for LM perplexity"))
-    lm_batch: int = field(default=2, metadata=_help("WikiText-2 blocks per step"))
-    controlkg_batch: int = field(default=16, metadata=_help("ControlKG sentences per step"))
-    targetkg_batch: Optional[int] = field(default=None, metadata=_help("TargetKG sentences per step (none: all)"))
-    top_k_layers: int = field(default=6, metadata=_help("mask the attention+MLP projections of the top k blocks"))
-    estimator: Literal["gumbel_sigmoid_st", "hard_concrete"] = field(default="gumbel_sigmoid_st", metadata=_help(
+    lm_block_size: int = field(default=64, metadata=help_metadata("tokens per WikiText-2 block"))
+    lm_train_blocks: int = field(default=64, metadata=help_metadata("WikiText-2 blocks for the LM-maintenance loss"))
+    lm_eval_blocks: int = field(default=16, metadata=help_metadata("held-out WikiText-2 blocks for LM perplexity"))
+    lm_batch: int = field(default=2, metadata=help_metadata("WikiText-2 blocks per step"))
+    controlkg_batch: int = field(default=16, metadata=help_metadata("ControlKG sentences per step"))
+    targetkg_batch: Optional[int] = field(default=None, metadata=help_metadata("TargetKG sentences per step (none: all)"))
+    top_k_layers: int = field(default=6, metadata=help_metadata("mask the attention+MLP projections of the top k blocks"))
+    estimator: Literal["gumbel_sigmoid_st", "hard_concrete"] = field(default="gumbel_sigmoid_st", metadata=help_metadata(
         "mask estimator"))
-    granularity: Literal["weight", "unit_in", "unit_out", "block"] = field(default="weight", metadata=_help(
+    granularity: Literal["weight", "unit_in", "unit_out", "block"] = field(default="weight", metadata=help_metadata(
         "one gate per weight (the paper), per unit, or per block"))
-    temperature: float = field(default=1.0, metadata=_help("estimator temperature"))
-    init_keep: float = field(default=0.45, metadata=_help("initial keep probability: logits = logit(init_keep)"))
-    lr: float = field(default=0.2, metadata=_help("Adam learning rate of the mask logits"))
-    warmup_frac: float = field(default=0.1, metadata=_help("linear learning-rate warm-up, fraction of the steps"))
-    lambda_target: float = field(default=1.5, metadata=_help("weight of the TargetKG suppression KL"))
-    lambda_control: float = field(default=1.0, metadata=_help("weight of the ControlKG maintenance KL"))
-    lambda_lm: float = field(default=1.0, metadata=_help("weight of the LM maintenance KL"))
-    lambda_reg_init: float = field(default=2.0, metadata=_help("sparsity weight for the first half of the steps"))
-    lambda_reg_final: float = field(default=3.0, metadata=_help("sparsity weight reached linearly at the last step"))
-    eval_every: int = field(default=0, metadata=_help("steps between TargetKG/ControlKG evaluations (0: at the end)"))
-    eval_batch: int = field(default=32, metadata=_help("sentences / blocks per evaluation batch"))
+    temperature: float = field(default=1.0, metadata=help_metadata("estimator temperature"))
+    init_keep: float = field(default=0.45, metadata=help_metadata("initial keep probability: logits = logit(init_keep)"))
+    lr: float = field(default=0.2, metadata=help_metadata("Adam learning rate of the mask logits"))
+    warmup_frac: float = field(default=0.1, metadata=help_metadata("linear learning-rate warm-up, fraction of the steps"))
+    lambda_target: float = field(default=1.5, metadata=help_metadata("weight of the TargetKG suppression KL"))
+    lambda_control: float = field(default=1.0, metadata=help_metadata("weight of the ControlKG maintenance KL"))
+    lambda_lm: float = field(default=1.0, metadata=help_metadata("weight of the LM maintenance KL"))
+    lambda_reg_init: float = field(default=2.0, metadata=help_metadata("sparsity weight for the first half of the steps"))
+    lambda_reg_final: float = field(default=3.0, metadata=help_metadata("sparsity weight reached linearly at the last step"))
+    eval_every: int = field(default=0, metadata=help_metadata("steps between TargetKG/ControlKG evaluations (0: at the end)"))
+    eval_batch: int = field(default=32, metadata=help_metadata("sentences / blocks per evaluation batch"))
 
     def validate(self) -> "KnowledgeConfig":
         super().validate()

@@ -69,6 +69,11 @@ CHECKPOINT_VERSION = 1
 RUN_CONTROL_FIELDS = ("progress", "out", "data_dir", "checkpoint_every", "keep_checkpoints")
 
 
+def help_metadata(text: str) -> dict:
+    """`field(metadata=help_metadata("..."))`: the help text a config field shows as a CLI flag."""
+    return {"help": text}
+
+
 class ConfigError(ValueError):
     """A bad configuration value or file; the message names the field (or key) and what was expected."""
 
