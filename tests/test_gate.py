@@ -9,24 +9,11 @@ import torch
 import fastmask as fm
 from fastmask import ref
 
-from conftest import device_backend_params
+from conftest import decision_distance, device_backend_params
 
 ESTIMATORS = list(ref.ESTIMATORS)
 SHAPES = [(1, 1), (7, 13), (31, 1), (2, 129)]
 _DECISION_MARGIN = 1e-4
-
-
-def _decision_value(logits, estimator, seed, offset, tau):
-    """How far each gate is from its hard threshold (ST estimators); +inf for continuous gates."""
-    l = logits.double().cpu()
-    if estimator == "gumbel_sigmoid_st":
-        u = ref.uniform_ref(l.shape, seed, offset).clamp(ref.UNIFORM_EPS, 1 - ref.UNIFORM_EPS).double()
-        return (l + torch.log(u) - torch.log1p(-u)).abs()
-    if estimator == "bernoulli_st":
-        return (ref.uniform_ref(l.shape, seed, offset).double() - torch.sigmoid(l)).abs()
-    if estimator == "threshold_st":
-        return (l - tau).abs()
-    return torch.full_like(l, math.inf)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
@@ -50,7 +37,7 @@ def test_gate_matches_reference(device, backend, estimator, training, inverse, d
         g_ref = ref.gate_backward_ref(grad_z.cpu(), logits.detach().cpu(), **ref_kwargs)
         assert z.dtype == ref.compute_dtype(logits) and logits.grad.dtype == dtype
         tol = 1e-6 if dtype == torch.float32 else 1e-12
-        clear = _decision_value(logits.detach(), estimator, 17, 2**33 + 5, 0.3) > _DECISION_MARGIN
+        clear = decision_distance(logits, estimator, 17, 2**33 + 5, tau=0.3) > _DECISION_MARGIN
         if not training:
             clear = torch.ones_like(clear)
         torch.testing.assert_close(z.detach().cpu()[clear], z_ref[clear], atol=tol, rtol=0)

