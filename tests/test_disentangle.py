@@ -87,6 +87,24 @@ def test_triplet_sampler_positives_share_negatives_differ_and_are_deterministic(
     assert sampler.sample(anchors, 0, 5) != dd.TripletSampler(labels, seed=8).sample(anchors, 0, 5)
     with pytest.raises(ValueError, match="factor 1 has a single value"):
         dd.TripletSampler([(0, 1), (1, 1)])
+    with pytest.raises(ValueError, match="mode"):
+        dd.TripletSampler(labels, mode="hard")
+
+
+def test_contrast_triplets_flip_the_other_factor_and_fall_back_when_a_cell_is_empty():
+    labels = [(a, b) for a in (0, 1) for b in (0, 1) for _ in range(5)]
+    sampler = dd.TripletSampler(labels, seed=1, mode="contrast")
+    anchors = list(range(len(labels)))
+    for factor in (0, 1):
+        other = 1 - factor
+        positives, negatives = sampler.sample(anchors, factor, step=3)
+        for a, p, n in zip(anchors, positives, negatives):
+            assert labels[p][factor] == labels[a][factor] and labels[p][other] != labels[a][other]
+            assert labels[n][factor] != labels[a][factor] and labels[n][other] == labels[a][other]
+    # no (1, 0) example: an anchor (0, 0) under factor 0 has no contrast negative (1, 0) -> any (1, *) one
+    labels = [(0, 0), (0, 1), (1, 1), (0, 0)]
+    positives, negatives = dd.TripletSampler(labels, mode="contrast").sample([0], 0, step=0)
+    assert positives == [1] and negatives == [2]
 
 
 # --- losses by hand -----------------------------------------------------------------------------------------
@@ -142,7 +160,8 @@ def test_grouped_forward_equals_k_separate_single_mask_passes(tiny_bert_dir, est
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     texts = ["a good day", "this is bad news for everyone", "ok", "what", "so so", "never again, really"]
     data = dis.Encoded(tokenizer, texts, max_length=16)
-    ids, mask = data.batch(range(6), "cpu")
+    ids, mask, h0 = data.batch(range(6), "cpu")
+    assert h0 is None
     z = model.grouped(ids, mask)
     assert z.shape == (2, 3, 32)
     for k, single in enumerate(singles):
@@ -154,6 +173,47 @@ def test_grouped_forward_equals_k_separate_single_mask_passes(tiny_bert_dir, est
     plain = _encoder(tiny_bert_dir)
     torch.testing.assert_close(model.represent(ids, mask, None),
                                dis.mean_pool(plain(input_ids=ids, attention_mask=mask).last_hidden_state, mask))
+
+
+def test_top_block_masks_from_cached_block_inputs_equal_the_whole_encoder(tiny_bert_dir):
+    """top_blocks=1 of 2: only block 1 is masked; feeding its cached input (the unmasked block 0's output) gives
+    the same representation as running the whole encoder, grouped and per mask, and the fine-tuning baseline's
+    forward."""
+    from transformers import AutoTokenizer
+
+    encoder = _encoder(tiny_bert_dir)
+    first = dis.first_masked_block(encoder, 1)
+    assert first == 1 and dis.first_masked_block(encoder, 0) == 0 and dis.mask_targets(encoder, 0) is None
+    with pytest.raises(dis.ConfigError, match="top_blocks"):
+        dis.first_masked_block(encoder, 3)
+    fm.apply(encoder, fm.MaskConfig(estimator="threshold_st", n_masks=2, targets=dis.mask_targets(encoder, first)))
+    assert sorted(fm.masked_modules(encoder)) == sorted(
+        f"encoder.layer.1.{n}" for n in ("attention.self.query", "attention.self.key", "attention.self.value",
+                                         "attention.output.dense", "intermediate.dense", "output.dense"))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in fm.masked_modules(encoder).values():
+            layer.logits.copy_(torch.randn(layer.logits.shape, generator=gen))
+    model = dis.DisentangleModel(encoder, [2, 2], first)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    data = dis.Encoded(tokenizer, ["a good day", "this is bad news for everyone", "ok", "what"], max_length=16)
+    features = dis._unmasked_features(encoder, {"x": data}, first, batch=3, device="cpu")
+    assert data.h0.shape == (4, data.input_ids.shape[1], 32)
+    ids, mask, h0 = data.batch([1, 3], "cpu")
+    assert h0.shape[:2] == ids.shape
+    torch.testing.assert_close(features["x"][[1, 3]], model.represent(ids, mask, None), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.represent(ids, mask, None, h0), model.represent(ids, mask, None),
+                               rtol=1e-4, atol=1e-5)
+    for k in range(2):
+        torch.testing.assert_close(model.represent(ids, mask, k, h0), model.represent(ids, mask, k),
+                                   rtol=1e-4, atol=1e-5)
+    ids4, mask4, h04 = data.batch([1, 3, 1, 3], "cpu")
+    torch.testing.assert_close(model.grouped(ids4, mask4, h04), model.grouped(ids4, mask4), rtol=1e-4, atol=1e-5)
+    blocks = encoder.get_submodule(dis.encoder_blocks(encoder)[0])
+    assert all(type(b).__name__ != "_PassThrough" for b in blocks)  # the lower blocks are back
+    # the gradient reaches the masks of the top block only through the cached path too
+    model.grouped(ids4, mask4, h04).sum().backward()
+    assert all(layer.logits.grad is not None for layer in fm.masked_modules(encoder).values())
 
 
 def test_magnitude_pruning_removes_an_exact_fraction_globally_or_per_layer(tiny_bert_dir):
@@ -222,7 +282,8 @@ def test_adversarial_removal_hides_the_other_factor():
 TINY_RUN = ["--data-limit", "5000", "--train-size", "60", "--probe-size", "40", "--test-size", "40",
             "--shifted-size", "40", "--steps", "3", "--batch-size", "4", "--sweep-sparsities", "0.5",
             "--sweep-steps", "2", "--adv-steps", "5", "--no-progress", "--checkpoint-every", "2",
-            "--overlap-weight", "0.1", "--l0-weight", "0.1", "--prune-sparsity", "0.2"]
+            "--overlap-weight", "0.1", "--l0-weight", "0.1", "--prune-sparsity", "0.2", "--top-blocks", "1",
+            "--finetune-steps", "2"]
 
 
 def _parse(argv):
@@ -239,7 +300,8 @@ def test_cli_end_to_end_on_a_tiny_bert(tiny_bert_dir, tmp_path):
                                       "--out", str(out), "--data-dir", str(SHARED_DATA)])
     assert dis.run_from_args(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["leakage"]) == {"unmasked", "mask_0", "mask_1", "adversarial_0", "adversarial_1"}
+    assert set(metrics["leakage"]) == {"unmasked", "mask_0", "mask_1", "adversarial_0", "adversarial_1",
+                                       "finetuned_0", "finetuned_1"}
     assert all(0 <= a <= 1 for row in metrics["leakage"].values() for a in row)
     assert metrics["data"]["splits"] == {"train": 60, "probe": 40, "test": 40, "shifted": 40}
     assert metrics["data"]["agreement"]["train"] == pytest.approx(0.8)
@@ -253,8 +315,9 @@ def test_cli_end_to_end_on_a_tiny_bert(tiny_bert_dir, tmp_path):
     assert "Leakage" in (out / "report.md").read_text()
     # the masks belong to the pruned encoder: the same pruning of a fresh copy takes them back
     config = json.loads((out / "config.json").read_text())
-    encoder = fm.apply(_encoder(tiny_bert_dir), fm.MaskConfig(estimator=config["estimator"], n_masks=2,
-                                                                init_keep=config["init_keep"], seed=config["seed"]))
+    encoder = _encoder(tiny_bert_dir)
+    fm.apply(encoder, fm.MaskConfig(estimator=config["estimator"], n_masks=2, init_keep=config["init_keep"],
+                                    seed=config["seed"], targets=dis.mask_targets(encoder, 1)))
     dis.magnitude_prune(encoder, 0.2, "global")
     fm.load_masks(encoder, out / "masks")
     zeros = sum(int((layer.weight == 0).sum()) for layer in fm.masked_modules(encoder).values())

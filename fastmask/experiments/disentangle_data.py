@@ -171,11 +171,23 @@ def correlated_splits(data: FactorData, sizes: dict, agreements: dict, seed: int
 # --- triplets -----------------------------------------------------------------------------------------------
 class TripletSampler:
     """For an anchor and factor k: a positive (another example with the same value of factor k) and a negative (an
-    example with a different value), drawn from a generator seeded by (seed, step): deterministic and resumable."""
+    example with a different value), drawn from a generator seeded by (seed, step): deterministic and resumable.
 
-    def __init__(self, labels: Sequence[Sequence[int]], seed: int = 0):
+    ``mode="contrast"``: the positive also differs from the anchor in every other factor and the negative shares
+    them, where the data hold such an example (else any positive / negative): the triplet loss then rewards
+    ignoring the other factors instead of only separating factor k. ``mode="random"``: any positive / negative."""
+
+    MODES = ("contrast", "random")
+
+    def __init__(self, labels: Sequence[Sequence[int]], seed: int = 0, mode: str = "contrast"):
+        if mode not in self.MODES:
+            raise ValueError(f"TripletSampler: mode must be one of {self.MODES}, got {mode!r}")
         self.labels = [tuple(row) for row in labels]
         self.seed = seed
+        self.mode = mode
+        self.by_row = {}  # labels -> indices of the examples with exactly those labels
+        for i, row in enumerate(self.labels):
+            self.by_row.setdefault(row, []).append(i)
         n_factors = len(self.labels[0]) if self.labels else 0
         self.by_value = [{} for _ in range(n_factors)]
         for i, row in enumerate(self.labels):
@@ -193,15 +205,23 @@ class TripletSampler:
         groups = self.by_value[factor]
         positives, negatives = [], []
         for a in anchors:
-            value = self.labels[a][factor]
+            row = self.labels[a]
+            value = row[factor]
             same = groups[value]
-            p = a
-            while p == a and len(same) > 1:
-                p = same[rng.randrange(len(same))]
-            positives.append(p)
             others = [v for v in groups if v != value]
-            pool = groups[others[rng.randrange(len(others))]]
-            negatives.append(pool[rng.randrange(len(pool))])
+            if self.mode == "contrast":
+                differing = [i for key, pool in self.by_row.items() if key[factor] == value
+                             and all(key[j] != row[j] for j in range(len(row)) if j != factor) for i in pool]
+                sharing = [i for key, pool in self.by_row.items() if key[factor] != value
+                           and all(key[j] == row[j] for j in range(len(row)) if j != factor) for i in pool]
+                same = differing or same
+            candidates = [i for i in same if i != a] or [a]  # the anchor itself only when it is alone
+            positives.append(candidates[rng.randrange(len(candidates))])
+            if self.mode == "contrast" and sharing:
+                negatives.append(sharing[rng.randrange(len(sharing))])
+            else:
+                pool = groups[others[rng.randrange(len(others))]]
+                negatives.append(pool[rng.randrange(len(pool))])
         return positives, negatives
 
 
