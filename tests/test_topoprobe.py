@@ -73,6 +73,9 @@ def test_cli_end_to_end_report_and_resume(tiny_bert_dir, tmp_path):
     assert (unit.stat().st_mtime_ns, unit.read_text()) == before
     again = json.loads((out / "metrics.json").read_text())
     assert again["probes"] == metrics["probes"] and again["finetuning"]["runs"] == runs
+    # the report's timing still counts what the read-back units cost
+    for key in ("probe_training_unit_seconds", "finetune_unit_seconds"):
+        assert again["timing"][key] == metrics["timing"][key] > 0
 
 
 def test_masked_subnetwork_probes_with_padding_included_on_cola_sentences(tiny_bert_dir, tmp_path):

@@ -499,7 +499,11 @@ def run_experiment(config: TopoprobeConfig, *, resume: bool = False, overwrite: 
                        "seeds": effective.finetune_seeds if effective.finetune else []},
         "pseudo_label_speed": pseudo_label_benchmark(),
         "timing": {"setup_seconds": setup_seconds, "probe_seconds": probe_seconds,
-                   "finetune_seconds": finetune_seconds, "device": str(device), "torch_threads": threads,
+                   "finetune_seconds": finetune_seconds,
+                   # what the finished units cost when they were computed (a --resume reads them back in no time)
+                   "probe_training_unit_seconds": sum(u["seconds"] for rows in table.values() for u in rows),
+                   "finetune_unit_seconds": sum(r["seconds"] for r in finetune_runs),
+                   "device": str(device), "torch_threads": threads,
                    "threads_reason": threads_reason, "cpu": cpu_name(), "cpu_count": os.cpu_count()},
     }
     run.write_metrics(metrics)
@@ -576,7 +580,9 @@ def report_markdown(config: TopoprobeConfig, effective: TopoprobeConfig, metrics
              f"- hardware: {timing['cpu']} ({timing['cpu_count']} cores), device {timing['device']}, "
              f"{timing['torch_threads']} torch thread(s) ({timing['threads_reason']}); setup "
              f"{timing['setup_seconds']:.0f} s, probes {timing['probe_seconds']:.0f} s, fine-tuning "
-             f"{timing['finetune_seconds']:.0f} s", "",
+             f"{timing['finetune_seconds']:.0f} s in this invocation; summed over the finished units when they were "
+             f"computed: probe training {timing['probe_training_unit_seconds']:.0f} s (hidden-state extraction not "
+             f"included), fine-tuning runs {timing['finetune_unit_seconds']:.0f} s", "",
              "## Depth probes per layer (validation MSE; lower is better)", "",
              "![probes](probes.png)", ""]
     for variant, rows in metrics["probes"].items():
