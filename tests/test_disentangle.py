@@ -242,6 +242,24 @@ def test_magnitude_pruning_removes_an_exact_fraction_globally_or_per_layer(tiny_
         dis.magnitude_prune(encoder, 0.3, "row")
 
 
+@pytest.mark.parametrize("granularity", ["weight", "unit_in", "unit_out"])
+def test_zero_fraction_counts_pruned_or_closed_weights(tiny_bert_dir, granularity):
+    encoder = fm.apply(_encoder(tiny_bert_dir), fm.MaskConfig(estimator="threshold_st", granularity=granularity,
+                                                                n_masks=2))
+    dis.magnitude_prune(encoder, 0.3, "global")
+    layers = fm.masked_modules(encoder)
+    total = sum(layer.weight.numel() for layer in layers.values())
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.logits[0].fill_(5.0)  # mask 0: every gate open -> only the pruned weights are zero
+            layer.logits[1].fill_(5.0)
+        first = next(iter(layers.values()))
+        first.logits[1].fill_(-5.0)  # mask 1: the first layer closed entirely
+    assert dis.zero_fraction(encoder, 0) == pytest.approx(int(0.3 * total) / total)
+    pruned_elsewhere = sum(int((layer.weight == 0).sum()) for layer in list(layers.values())[1:])
+    assert dis.zero_fraction(encoder, 1) == pytest.approx((first.weight.numel() + pruned_elsewhere) / total)
+
+
 # --- evaluation ---------------------------------------------------------------------------------------------
 def test_leakage_table_on_synthetic_features_with_a_known_answer():
     gen = torch.Generator().manual_seed(0)

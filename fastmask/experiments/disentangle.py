@@ -62,8 +62,8 @@ ESTIMATORS = ("threshold_st", "hard_concrete", "gumbel_sigmoid_st")
 class DisentangleConfig(RunConfig):
     """Defaults: the paper's method on the offline tweets, sized for a few minutes on a 2-core CPU (see README)."""
 
-    steps: int = field(default=60, metadata=help_metadata("mask-learning steps"))
-    checkpoint_every: int = field(default=20, metadata=help_metadata("steps between checkpoints (0: only at the end)"))
+    steps: int = field(default=200, metadata=help_metadata("mask-learning steps"))
+    checkpoint_every: int = field(default=50, metadata=help_metadata("steps between checkpoints (0: only at the end)"))
     model: str = field(default="all-minilm-l6-v2", metadata=help_metadata(
         "encoder: a packaged model name, a local folder or a Hugging Face hub id"))
     data: Literal["tweets"] = field(default="tweets", metadata=help_metadata(
@@ -78,18 +78,20 @@ class DisentangleConfig(RunConfig):
     train_agreement: float = field(default=0.8, metadata=help_metadata(
         "fraction of training examples whose two factor labels agree (0.5: uncorrelated)"))
     max_length: int = field(default=24, metadata=help_metadata("tokens per text (longer ones are cut)"))
-    batch_size: int = field(default=6, metadata=help_metadata("anchors per step (x 3 texts x K masks per forward)"))
+    batch_size: int = field(default=8, metadata=help_metadata("anchors per step (x 3 texts x K masks per forward)"))
     estimator: Literal["threshold_st", "hard_concrete", "gumbel_sigmoid_st"] = field(
         default="threshold_st", metadata=help_metadata("mask estimator (threshold_st: the paper's)"))
     granularity: Literal["weight", "unit_in", "unit_out"] = field(default="weight", metadata=help_metadata(
         "mask weights or hidden units of the attention/MLP linear layers"))
-    top_blocks: int = field(default=2, metadata=help_metadata(
+    top_blocks: int = field(default=3, metadata=help_metadata(
         "mask the linear layers of the top N transformer blocks only: the blocks below stay frozen and unmasked, "
         "so their output is computed once per text and cached (0: every block)"))
     triplet_sampling: Literal["contrast", "random"] = field(default="contrast", metadata=help_metadata(
         "contrast: the positive differs from the anchor in the other factors and the negative shares them; "
         "random: any positive / negative"))
-    init_keep: float = field(default=0.9, metadata=help_metadata("initial keep probability of every gate"))
+    init_keep: float = field(default=0.55, metadata=help_metadata(
+        "initial keep probability of every gate (near 0.5: the logits start near the threshold, so a few Adam steps "
+        "can close a gate)"))
     lr: float = field(default=0.1, metadata=help_metadata("Adam learning rate of the mask logits"))
     head_lr: float = field(default=0.003, metadata=help_metadata("Adam learning rate of the classification heads"))
     triplet_weight: float = field(default=1.0, metadata=help_metadata("weight of the triplet loss"))
@@ -102,7 +104,7 @@ class DisentangleConfig(RunConfig):
         "magnitude threshold over all masked layers together, or per layer"))
     sweep_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8], metadata=help_metadata(
         "pruning sparsities of the sparsity-vs-disentanglement curve (comma separated; empty: no sweep)"))
-    sweep_steps: int = field(default=30, metadata=help_metadata("mask-learning steps per sweep point"))
+    sweep_steps: int = field(default=200, metadata=help_metadata("mask-learning steps per sweep point"))
     adv_steps: int = field(default=300, metadata=help_metadata("full-batch steps of the adversarial baseline"))
     finetune_steps: int = field(default=100, metadata=help_metadata(
         "steps of the fine-tuned baseline (the masked blocks' weights trained per factor; 0: no such baseline)"))
@@ -219,6 +221,26 @@ def magnitude_prune(model, sparsity: float, scope: str = "global") -> dict:
             layer.weight.mul_(keep.view(layer.weight.shape).to(layer.weight.device, layer.weight.dtype))
             pruned[name] = 1.0 - keep.float().mean().item()
     return pruned
+
+
+def zero_fraction(model, mask: int) -> float:
+    """Fraction of the masked layers' weights that are zero under mask ``mask`` (eval gates): pruned OR gated off.
+    (fm.sparsity counts closed gates only; a pruned weight's gate gets no gradient and stays open.)"""
+    import torch
+
+    import fastmask as fm
+
+    zeros, total = 0, 0
+    with torch.no_grad():
+        for layer in fm.masked_modules(model).values():
+            weight = layer.weight if layer.weight_layout == "out_in" else layer.weight.t()
+            rows, cols = weight.shape
+            (bh, bw) = layer.block
+            closed = layer.gates(mask=mask).cpu() == 0
+            closed = closed.repeat_interleave(bh, 0)[:rows].repeat_interleave(bw, 1)[:, :cols]
+            zeros += int(((weight.detach().cpu() == 0) | closed).sum())
+            total += weight.numel()
+    return zeros / total
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -707,7 +729,8 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
 
     sweep = [{"prune_sparsity": config.prune_sparsity, "steps": config.steps,
               "disentanglement": disentanglement_score(leakage, len(factors)),
-              "mask_sparsity": per_mask_sparsity, "leakage": {k: leakage[f"mask_{k}"] for k in range(len(factors))}}]
+              "mask_sparsity": per_mask_sparsity, "leakage": {k: leakage[f"mask_{k}"] for k in range(len(factors))},
+              "zero_fraction": [zero_fraction(model.encoder, k) for k in range(len(factors))]}]
     metrics = {
         "experiment": EXPERIMENT, "model": config.model, "model_source": source,
         "factors": list(factors), "values": [list(v) for v in values],
@@ -746,6 +769,7 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
                       "disentanglement": disentanglement_score(table, len(factors)),
                       "mask_sparsity": [fm.sparsity(sweep_model.encoder, mask=k)["overall"]
                                         for k in range(len(factors))],
+                      "zero_fraction": [zero_fraction(sweep_model.encoder, k) for k in range(len(factors))],
                       "leakage": {k: table[f"mask_{k}"] for k in range(len(factors))}})
         metrics["seconds"]["sweep"] = time.perf_counter() - sweep_started
         write_results()
@@ -776,8 +800,12 @@ def _plots(run: Run, history, metrics) -> None:
     save_figure(fig, run.path("leakage.png"))
     sweep = metrics["sweep"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["prune_sparsity"] for r in sweep], [r["disentanglement"] for r in sweep], "o-")
-    ax.set_xlabel("magnitude-pruning sparsity")
+    x = [sum(r["zero_fraction"]) / len(r["zero_fraction"]) for r in sweep]
+    ax.plot(x, [r["disentanglement"] for r in sweep], "o-")
+    for xi, r in zip(x, sweep):
+        ax.annotate(f"pruned {r['prune_sparsity']:g}", (xi, r["disentanglement"]), fontsize=8,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("zero weights of the masked layers under a mask (pruned or closed; mean over masks)")
     ax.set_ylabel("own - other probe accuracy (mean over masks)")
     ax.grid(alpha=0.3)
     ax.set_title("sparsity vs disentanglement")
@@ -804,9 +832,14 @@ def report_markdown(config: DisentangleConfig, metrics: dict) -> str:
                 own_rows.append([r, f, metrics["in_distribution_correlated_probe"][r][k],
                                  metrics["robustness_shifted"][r][k]])
     robust = markdown_table(["representation", "factor", "balanced test", "shifted test"], own_rows, digits=3)
-    sweep = markdown_table(["pruning sparsity", "steps", "disentanglement", "mask sparsity (per mask)"],
+    sweep = markdown_table(["pruning sparsity", "steps", "disentanglement", "closed gates (per mask)",
+                            "zero weights: pruned or closed (per mask)"]
+                           + [f"mask_{k}: own / other" for k in range(len(factors))],
                            [[r["prune_sparsity"], r["steps"], r["disentanglement"],
-                             ", ".join(f"{s:.3f}" for s in r["mask_sparsity"])] for r in metrics["sweep"]], digits=3)
+                             ", ".join(f"{s:.3f}" for s in r["mask_sparsity"]),
+                             ", ".join(f"{s:.3f}" for s in r["zero_fraction"])]
+                            + [f"{r['leakage'][k][k]:.3f} / {max(a for j, a in enumerate(r['leakage'][k]) if j != k):.3f}"
+                               for k in range(len(factors))] for r in metrics["sweep"]], digits=3)
     data = metrics["data"]
     sec = metrics["seconds"]
     blocks = f"the top {config.top_blocks} transformer blocks" if config.top_blocks else "every transformer block"
@@ -837,7 +870,7 @@ Each mask should predict its own factor well and the other near chance.
 `unmasked`: the original encoder; `adversarial_k`: gradient-reversal removal of the other factors over the frozen
 unmasked features, trained for factor k on the training split; `finetuned_k`: {blocks} fine-tuned for factor k
 ({config.finetune_steps} steps, cross-entropy only). Disentanglement (mean over masks of own - best other
-accuracy): **{metrics['disentanglement']:.3f}**. Mask sparsity (eval gates): {', '.join(f'{s:.3f}' for s in metrics['mask_sparsity'])}.
+accuracy): **{metrics['disentanglement']:.3f}**. Mask sparsity (closed eval gates, as a fraction of the masked layers' weights): {', '.join(f'{s:.3f}' for s in metrics['mask_sparsity'])}.
 
 ![leakage](leakage.png)
 
