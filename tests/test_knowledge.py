@@ -133,12 +133,14 @@ def test_each_loss_term_against_a_hand_computation(gpt2_tokenizer):
         data.h0 = top.inputs(data.input_ids, data.attention_mask)
     lm = torch.tensor(gpt2_tokenizer(" The cat sat on the mat and looked at the quiet street below.")["input_ids"])[None]
     lm_h0 = top.inputs(lm, torch.ones_like(lm))
+    control.full_hidden = kn.final_hidden(top, control.input_ids, control.attention_mask, control.h0, batch_size=2)
+    lm_full_hidden = kn.final_hidden(top, lm, torch.ones_like(lm), lm_h0, batch_size=2)
     fm.apply(model, fm.MaskConfig(estimator="gumbel_sigmoid_st", init_logit=math.log(0.45 / 0.55),
                                   targets=[n + "$" for n in names], seed=5))
     for layer in fm.masked_modules(model).values():
         layer.train()
     fm.set_step(model, 7)  # the same sampled mask for every forward below
-    terms = kn.loss_terms(model, top, target.batch(range(3)), control.batch([2, 0]), lm, lm_h0)
+    terms = kn.loss_terms(model, top, target.batch(range(3)), control.batch([2, 0]), lm, lm_h0, lm_full_hidden)
 
     def probabilities(ids, mask, remaining):  # the plain model, no caching, float64 sums
         with torch.no_grad(), (fm.inverse(model) if remaining else fm.bypass(model)):
