@@ -131,3 +131,22 @@ def test_full_preset_and_spread_layers():
                                         "mcc_per_batch_mean": 0.2, "mcc_per_batch_std": 0.1,
                                         "predicted_acceptable": 0.6})
     assert summary[1]["layer"] == 3 and summary[1]["mcc_std"] == 0.0
+
+
+def test_finetune_run_leaves_the_majority_class_and_trains_everything_but_word_embeddings(tiny_bert_dir):
+    """The regression behind 'every run predicts acceptable': on an imbalanced (75/25) but separable set a short run
+    must predict both classes, and every parameter except the frozen word embeddings must be trained."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    rows = [(f"the {w} sat on the mat .", 1) for w in ("cat", "dog", "man", "boy", "girl", "bird")] * 4 + \
+        [(f"mat the on sat {w} the", 0) for w in ("cat", "dog")] * 4
+    config = topoprobe.TopoprobeConfig(steps=40, batch_size=8, finetune_lr=1e-2, max_length=16, progress=False)
+    assert not config.class_weighted  # the paper's plain CE
+    torch.set_num_threads(1)
+    unit = topoprobe.finetune_run(str(tiny_bert_dir), tokenizer, rows, rows, None, 1, None, config,
+                                  torch.device("cpu"))
+    assert 0 < unit["predicted_acceptable"] < 1 and unit["mcc"] > 0.5, unit
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    total = sum(p.numel() for p in model.parameters())
+    assert unit["trainable_parameters"] == total - model.get_input_embeddings().weight.numel()
