@@ -82,6 +82,24 @@ def test_config_flag_errors(tmp_path):
         _config(["--config", str(tmp_path / "missing.json")])
     with pytest.raises(ConfigError, match="device must be"):
         _config(["--device", "tpu"])
+    with pytest.raises(ConfigError, match="threads must be an int >= 0"):
+        _config(["--threads", "-1"])
+
+
+def test_threads_explicit_or_one_on_a_busy_machine(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert runner.choose_threads(1, torch.device("cpu")) == (1, "--threads") and torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+        torch.set_num_threads(3)
+        threads, why = runner.choose_threads(0, torch.device("cpu"))
+        assert threads == 1 and torch.get_num_threads() == 1 and "load average 5.0 >= 4 cores" in why
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+        torch.set_num_threads(3)
+        assert runner.choose_threads(0, torch.device("cpu")) == (3, "auto: torch default")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_existing_run_needs_resume_or_overwrite_and_resume_refuses_changes(tmp_path):

@@ -94,14 +94,12 @@ class TopoprobeConfig(RunConfig):
         "CE all 'acceptable'; weighted, one class per run, either one); a 200-step run of 16 with it reached dev MCC "
         "0.06-0.14 (README)"))
     probe_weight: float = field(default=10.0, metadata=help_metadata("weight w of the probe loss (released: 10)"))
-    threads: int = field(default=0, metadata=help_metadata(
-        "torch CPU threads (0: auto = 1 when the machine is already busier than its cores, else torch's default)"))
     full: bool = field(default=False, metadata=help_metadata(
         "the paper's setting: overrides the budget flags (sentences, epochs, layers, seeds, steps, lr, val split)"))
 
     def validate(self) -> "TopoprobeConfig":
         super().validate()
-        for name in ("probe_train_sentences", "probe_val_sentences", "finetune_train_sentences", "threads"):
+        for name in ("probe_train_sentences", "probe_val_sentences", "finetune_train_sentences"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 0, name, "an int >= 0 (0: all / auto)", value)
         for name in ("probe_epochs", "batch_size", "max_length"):
@@ -132,22 +130,6 @@ class TopoprobeConfig(RunConfig):
 
 
 # --- setup --------------------------------------------------------------------------------------------------
-def choose_threads(requested: int, device) -> tuple[int, str]:
-    """Set torch's CPU threads; auto picks 1 on an oversubscribed machine, where OpenMP's threads wait for each
-    other at every op (measured on a shared 2-core machine: one probe epoch 10 s with 2 threads, 0.4 s with 1)."""
-    import torch
-
-    if requested > 0:
-        torch.set_num_threads(requested)
-        return requested, "--threads"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cores = os.cpu_count() or 1
-    if device.type == "cpu" and cores > 1 and load >= cores:
-        torch.set_num_threads(1)
-        return 1, f"auto: load average {load:.1f} >= {cores} cores"
-    return torch.get_num_threads(), "auto: torch default"
-
-
 def _quiet_transformers():
     import transformers
 
@@ -427,7 +409,7 @@ def run_experiment(config: TopoprobeConfig, *, resume: bool = False, overwrite: 
     run.path("units").mkdir(exist_ok=True)
     effective = config.effective()
     device = resolve_device(config.device)
-    threads, threads_reason = choose_threads(config.threads, device)
+    threads, threads_reason = run.threads, run.threads_reason
     seed_everything(config.seed)
     started = time.perf_counter()
     source = assets.resolve_model(config.model)
@@ -676,5 +658,5 @@ def run_from_args(args) -> int:
 
 
 __all__ = ["TopoprobeConfig", "run_experiment", "finetune_run", "probe_layers", "summarise_finetuning",
-           "spread_layers", "read_cola", "treebank_split", "load_encoder", "choose_threads",
+           "spread_layers", "read_cola", "treebank_split", "load_encoder",
            "add_arguments", "run_from_args"]
