@@ -86,18 +86,17 @@ def test_config_flag_errors(tmp_path):
         _config(["--threads", "-1"])
 
 
-def test_threads_explicit_or_one_on_a_busy_machine(monkeypatch):
+def test_threads_explicit_or_the_free_cores(monkeypatch):
     before = torch.get_num_threads()
     try:
         assert runner.choose_threads(1, torch.device("cpu")) == (1, "--threads") and torch.get_num_threads() == 1
-        monkeypatch.setattr(os, "cpu_count", lambda: 4)
-        monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
-        torch.set_num_threads(3)
-        threads, why = runner.choose_threads(0, torch.device("cpu"))
-        assert threads == 1 and torch.get_num_threads() == 1 and "load average 5.0 >= 4 cores" in why
-        monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
-        torch.set_num_threads(3)
-        assert runner.choose_threads(0, torch.device("cpu")) == (3, "auto: torch default")
+        monkeypatch.setattr(os, "cpu_count", lambda: 8)
+        for load, expected in ((9.0, 1), (2.5, 5), (0.0, 6)):  # torch's default is 6 here
+            monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+            torch.set_num_threads(6)
+            threads, why = runner.choose_threads(0, torch.device("cpu"))
+            assert threads == expected == torch.get_num_threads(), (load, threads)
+            assert f"8 cores, load average {load:.1f}" in why
     finally:
         torch.set_num_threads(before)
 

@@ -103,8 +103,8 @@ class RunConfig:
     data_dir: Optional[str] = field(default=None, metadata={
         "help": "shared data folder (default: $FASTMASK_DATA, else a shared/data folder beside the checkout)"})
     threads: int = field(default=0, metadata={"help": (
-        "torch CPU threads (0: auto = 1 when the machine is already busier than its cores, else torch's default; "
-        "give the same value to --resume a CPU run bit for bit)")})
+        "torch CPU threads (0: auto = the cores left free by the load average, at least 1; give the same value "
+        "to --resume a CPU run bit for bit)")})
 
     def validate(self) -> "RunConfig":
         check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", "an int in [0, 2**63)", self.seed)
@@ -307,20 +307,22 @@ def resolve_device(spec: str):
 
 
 def choose_threads(requested: int, device) -> tuple[int, str]:
-    """Set torch's CPU threads; auto picks 1 on an oversubscribed machine, where OpenMP's threads wait for each
-    other at every op (measured on a shared 2-core machine: one probe epoch 10 s with 2 threads, 0.4 s with 1; a
-    SmolLM2 knowledge step 10 s with 2 threads, 3.7 s with 1). Returns (threads, why)."""
+    """Set torch's CPU threads. Auto leaves a core for each process already running (the load average, rounded
+    up) and uses at least 1: OpenMP threads that share a core wait for each other at every op (measured on a
+    shared 2-core machine: one probe epoch 10 s with 2 threads, 0.4 s with 1; a SmolLM2 knowledge step 10 s with 2,
+    3.7 s with 1), while a spare core only speeds an op up by less than 2x. Returns (threads, why)."""
     import torch
 
     if requested > 0:
         torch.set_num_threads(requested)
         return requested, "--threads"
+    if device.type != "cpu":
+        return torch.get_num_threads(), "auto: torch default (the work runs on the GPU)"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     cores = os.cpu_count() or 1
-    if device.type == "cpu" and cores > 1 and load >= cores:
-        torch.set_num_threads(1)
-        return 1, f"auto: load average {load:.1f} >= {cores} cores"
-    return torch.get_num_threads(), "auto: torch default"
+    threads = max(1, min(torch.get_num_threads(), cores - math.ceil(load)))
+    torch.set_num_threads(threads)
+    return threads, f"auto: {cores} cores, load average {load:.1f}"
 
 
 def seed_everything(seed: int) -> None:
