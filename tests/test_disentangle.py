@@ -1,4 +1,5 @@
-"""`fastmask run disentangle`: the TwitterAAE predictor against the released examples, correlated splits, the triplet
+"""`fastmask run disentangle`: the TwitterAAE predictor against the released examples, the reviews setting's aspect
+lexicon and loader, correlated splits, the triplet
 sampler, the losses by hand, the K-mask grouped forward against K separate single-mask models, magnitude pruning,
 gradient reversal, the leakage probes on synthetic features with a known answer, and the CLI end to end on a tiny
 random BERT with the real MiniLM tokenizer."""
@@ -8,7 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -70,6 +70,37 @@ def test_correlated_splits_have_the_chosen_agreement_and_are_disjoint():
     assert again["train"].texts == splits["train"].texts
     with pytest.raises(ValueError, match="f0=a, f1=d"):
         dd.correlated_splits(data, {"train": 200}, {"train": 0.0}, seed=0)
+
+
+def test_review_aspect_lexicon_keeps_sentences_naming_exactly_one_aspect():
+    assert dd.review_aspect("the plot is thin .") == 0
+    assert dd.review_aspect("the actor's turn is fine .") == 1  # "actor's" -> "actor"
+    assert dd.review_aspect("a co-star steals it") == 1
+    assert dd.review_aspect("great acting , weak script .") is None  # both aspects: dropped
+    assert dd.review_aspect("a lovely film .") is None  # neither
+    assert not set(dd.ASPECT_LEXICON["story"]) & set(dd.ASPECT_LEXICON["acting"])
+
+
+def test_reviews_loader_counts_balance_and_correlation_control():
+    """The offline stand-in for sentiment x genre: Pang & Lee polarity x the lexicon aspect; counts on v1.0."""
+    data = dd.load_reviews(SHARED_DATA)
+    assert data.factors == ("sentiment", "aspect") and data.values[1] == ("story", "acting")
+    cells = {cell: data.labels.count(cell) for cell in ((0, 0), (0, 1), (1, 0), (1, 1))}
+    assert cells == {(0, 0): 675, (0, 1): 301, (1, 0): 552, (1, 1): 477}
+    assert all(dd.review_aspect(text) == aspect for text, (_, aspect) in zip(data.texts, data.labels))
+    sizes = {s: dis.SETTING_DEFAULTS["reviews"][f"{s}_size"] for s in ("train", "probe", "test", "shifted")}
+    splits = dd.correlated_splits(data, sizes, {"train": 0.8, "probe": 0.5, "test": 0.5, "shifted": 0.2}, seed=0)
+    for name, agreement in (("train", 0.8), ("test", 0.5), ("shifted", 0.2)):
+        rows = splits[name].labels
+        assert sum(a == b for a, b in rows) == pytest.approx(agreement * len(rows), abs=1)
+        for k in (0, 1):  # each factor balanced in every split
+            assert sum(row[k] for row in rows) == pytest.approx(len(rows) / 2, abs=1)
+    test = splits["test"].labels
+    assert {cell: test.count(cell) for cell in cells} == {cell: 62 for cell in cells}  # round(250 / 4)
+    seen = [t for s in splits.values() for t in s.texts]
+    assert len(seen) == len(set(seen))  # disjoint splits
+    limited = dd.load_reviews(SHARED_DATA, limit=100)
+    assert 0 < len(limited) < 200 and {s for s, _ in limited.labels} == {0, 1}
 
 
 def test_triplet_sampler_positives_share_negatives_differ_and_are_deterministic():
@@ -210,7 +241,7 @@ def test_top_block_masks_from_cached_block_inputs_equal_the_whole_encoder(tiny_b
     ids4, mask4, h04 = data.batch([1, 3, 1, 3], "cpu")
     torch.testing.assert_close(model.grouped(ids4, mask4, h04), model.grouped(ids4, mask4), rtol=1e-4, atol=1e-5)
     blocks = encoder.get_submodule(dis.encoder_blocks(encoder)[0])
-    assert all(type(b).__name__ != "_PassThrough" for b in blocks)  # the lower blocks are back
+    assert all(type(b).__name__ != "PassThrough" for b in blocks)  # the lower blocks are back
     # the gradient reaches the masks of the top block only through the cached path too
     model.grouped(ids4, mask4, h04).sum().backward()
     assert all(layer.logits.grad is not None for layer in fm.masked_modules(encoder).values())
@@ -340,6 +371,39 @@ def test_cli_end_to_end_on_a_tiny_bert(tiny_bert_dir, tmp_path):
     fm.load_masks(encoder, out / "masks")
     zeros = sum(int((layer.weight == 0).sum()) for layer in fm.masked_modules(encoder).values())
     assert zeros == int(0.2 * sum(layer.weight.numel() for layer in fm.masked_modules(encoder).values()))
+
+
+def test_cli_end_to_end_on_the_reviews_setting(tiny_bert_dir, tmp_path):
+    from fastmask.cli import build_parser
+
+    out = tmp_path / "reviews"
+    args = build_parser().parse_args(["run", "disentangle", "--model", str(tiny_bert_dir), "--data", "reviews",
+                                      "--train-size", "40", "--probe-size", "40", "--test-size", "40",
+                                      "--shifted-size", "40", "--steps", "2", "--batch-size", "4",
+                                      "--sweep-sparsities", "0", "--adv-steps", "3", "--finetune-steps", "0",
+                                      "--top-blocks", "1", "--no-progress", "--out", str(out),
+                                      "--data-dir", str(SHARED_DATA)])
+    assert dis.run_from_args(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["factors"] == ["sentiment", "aspect"] and metrics["data"]["raw_examples"] == 2005
+    assert set(metrics["leakage"]) == {"unmasked", "mask_0", "mask_1", "adversarial_0", "adversarial_1"}
+    assert metrics["data"]["agreement"]["train"] == pytest.approx(0.8)
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"] == "reviews" and config["max_length"] == 40  # the setting's default
+    report = (out / "report.md").read_text()
+    assert "STAND-IN" in report and "genre" in report and "co-star" in report
+
+
+def test_setting_defaults_fill_only_what_is_not_given(tmp_path):
+    from fastmask.experiments.runner import config_from_args
+
+    def config(*argv):
+        return config_from_args(dis.DisentangleConfig, _parse([*argv, "--out", str(tmp_path / "x")]),
+                                experiment="disentangle")
+
+    assert (config().train_size, config().max_length) == (600, 24)
+    reviews = config("--data", "reviews", "--test-size", "100")
+    assert (reviews.train_size, reviews.test_size, reviews.max_length) == (500, 100, 40)
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

@@ -36,8 +36,11 @@ Meent, Wallace, EMNLP 2021), one mask per factor, all K masks learned in one for
   it removes the factor from the pooled representation the same way).
 * Fine-tuned baseline, per factor k: a fresh copy of the encoder whose masked blocks (the same top blocks; their
   input cached the same way) are fine-tuned with a linear head for factor k (cross-entropy, ``finetune_steps``).
-* Not implemented: fine-tuning the whole encoder when ``top_blocks`` > 0; pruning WITH masking (gradual); settings
-  1 and 3 of the paper (only the offline toxicity x dialect tweets, see disentangle_data).
+* Data (``--data``, see disentangle_data): ``tweets`` (default; the paper's setting 2, toxicity x dialect) or
+  ``reviews`` (an offline stand-in for setting 1, sentiment x genre: Pang & Lee sentence polarity x the aspect a
+  sentence talks about, acting or story, from a keyword lexicon). Split sizes and max_length default per setting.
+* Not implemented: fine-tuning the whole encoder when ``top_blocks`` > 0; pruning WITH masking (gradual); the
+  paper's genre labels (IMDB reviews with genre: not reachable offline) and setting 3 (syntax vs semantics).
 """
 
 from __future__ import annotations
@@ -50,12 +53,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
+from .blocks import block_index, pass_through
 from .runner import (BatchStream, CheckpointError, ConfigError, Run, RunConfig, TrainState, add_config_arguments,
                      check, config_from_args, help_metadata, markdown_table, pyplot, resolve_device, save_figure,
                      seed_everything)
 
 EXPERIMENT = "disentangle"
 ESTIMATORS = ("threshold_st", "hard_concrete", "gumbel_sigmoid_st")
+# Per-setting defaults of the fields left None. Reviews: the rarest cell (negative x acting) holds 301 sentences, and
+# the shifted split needs 40% of its size from it; 40 tokens keep a sentence's aspect word in 97% of them (24: 81%).
+SETTING_DEFAULTS = {
+    "tweets": {"train_size": 600, "probe_size": 300, "test_size": 300, "shifted_size": 300, "max_length": 24},
+    "reviews": {"train_size": 500, "probe_size": 250, "test_size": 250, "shifted_size": 250, "max_length": 40},
+}
 
 
 @dataclass
@@ -66,18 +76,26 @@ class DisentangleConfig(RunConfig):
     checkpoint_every: int = field(default=50, metadata=help_metadata("steps between checkpoints (0: only at the end)"))
     model: str = field(default="all-minilm-l6-v2", metadata=help_metadata(
         "encoder: a packaged model name, a local folder or a Hugging Face hub id"))
-    data: Literal["tweets"] = field(default="tweets", metadata=help_metadata(
-        "two-factor data: tweets = Davidson toxicity x TwitterAAE dialect (offline)"))
+    data: Literal["tweets", "reviews"] = field(default="tweets", metadata=help_metadata(
+        "two-factor data: tweets = Davidson toxicity x TwitterAAE dialect (the paper's setting 2); reviews = Pang & "
+        "Lee sentence polarity x the aspect a sentence talks about (acting / story, keyword lexicon), an offline "
+        "stand-in for the paper's setting 1, sentiment x genre of movie reviews (no genre-labelled review set is "
+        "packaged or downloaded)"))
     data_limit: Optional[int] = field(default=None, metadata=help_metadata("read only the first N raw examples (tests)"))
     dialect_confidence: float = field(default=0.6, metadata=help_metadata(
         "AAE share of the AAE+White proportions needed for an AAE (or 1 - it for a White-aligned) label"))
-    train_size: int = field(default=600, metadata=help_metadata("training split size (masks, heads, robustness probes)"))
-    probe_size: int = field(default=300, metadata=help_metadata("balanced split the leakage probes are trained on"))
-    test_size: int = field(default=300, metadata=help_metadata("balanced split the leakage probes are scored on"))
-    shifted_size: int = field(default=300, metadata=help_metadata("test split with the reversed factor correlation"))
+    train_size: Optional[int] = field(default=None, metadata=help_metadata(
+        "training split size (masks, heads, robustness probes) (default: 600 tweets, 500 reviews)"))
+    probe_size: Optional[int] = field(default=None, metadata=help_metadata(
+        "balanced split the leakage probes are trained on (default: 300 tweets, 250 reviews)"))
+    test_size: Optional[int] = field(default=None, metadata=help_metadata(
+        "balanced split the leakage probes are scored on (default: 300 tweets, 250 reviews)"))
+    shifted_size: Optional[int] = field(default=None, metadata=help_metadata(
+        "test split with the reversed factor correlation (default: 300 tweets, 250 reviews)"))
     train_agreement: float = field(default=0.8, metadata=help_metadata(
         "fraction of training examples whose two factor labels agree (0.5: uncorrelated)"))
-    max_length: int = field(default=24, metadata=help_metadata("tokens per text (longer ones are cut)"))
+    max_length: Optional[int] = field(default=None, metadata=help_metadata(
+        "tokens per text, longer ones are cut (default: 24 tweets, 40 reviews)"))
     batch_size: int = field(default=8, metadata=help_metadata("anchors per step (x 3 texts x K masks per forward)"))
     estimator: Literal["threshold_st", "hard_concrete", "gumbel_sigmoid_st"] = field(
         default="threshold_st", metadata=help_metadata("mask estimator (threshold_st: the paper's)"))
@@ -117,6 +135,10 @@ class DisentangleConfig(RunConfig):
 
     def validate(self) -> "DisentangleConfig":
         super().validate()
+        check(self.data in SETTING_DEFAULTS, "data", f"one of {sorted(SETTING_DEFAULTS)}", self.data)
+        for name, value in SETTING_DEFAULTS[self.data].items():  # the setting's defaults for the fields left None
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("train_size", "probe_size", "test_size", "shifted_size", "max_length", "batch_size",
                      "eval_batch", "adv_steps", "sweep_steps"):
             value = getattr(self, name)
@@ -270,7 +292,6 @@ class Encoded:
 def encoder_blocks(encoder) -> tuple[str, int]:
     """(qualified name of the encoder's list of transformer blocks, its length), from the default mask targets."""
     import fastmask as fm
-    from .knowledge import block_index
 
     names = [name for name, _ in fm.hf.find_targets(encoder, fm.MaskConfig())]
     paths = {block_index(name)[0] for name in names}
@@ -293,7 +314,6 @@ def mask_targets(encoder, first: int) -> Optional[list]:
     import re
 
     import fastmask as fm
-    from .knowledge import block_index
 
     if first == 0:
         return None
@@ -305,13 +325,6 @@ def _torch_module():
     from torch import nn
 
     return nn
-
-
-class _PassThrough(_torch_module().Module):
-    """Stands in for a frozen lower block whose output comes from the cache: returns its input."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
 
 
 class DisentangleModel(_torch_module().Module):
@@ -362,7 +375,7 @@ class DisentangleModel(_torch_module().Module):
         handle = blocks[self.first].register_forward_pre_hook(feed, with_kwargs=True)
         try:
             for i in range(self.first):
-                blocks[i] = _PassThrough()
+                blocks[i] = pass_through()
             yield
         finally:
             handle.remove()
@@ -398,7 +411,6 @@ class DisentangleModel(_torch_module().Module):
 def step_loss(model: DisentangleModel, data: Encoded, labels, sampler, anchors: Sequence[int], step: int, config,
               device) -> tuple:
     """The training loss of one step and its row of history.csv (see the module docstring)."""
-    import torch
     import torch.nn.functional as F
 
     import fastmask as fm
@@ -539,7 +551,10 @@ def _load_encoder(config: DisentangleConfig, device):
 def _load_splits(config: DisentangleConfig) -> tuple:
     from . import disentangle_data as dd
 
-    data = dd.load_tweets(config.data_dir, confidence=config.dialect_confidence, limit=config.data_limit)
+    if config.data == "reviews":
+        data = dd.load_reviews(config.data_dir, limit=config.data_limit)
+    else:
+        data = dd.load_tweets(config.data_dir, confidence=config.dialect_confidence, limit=config.data_limit)
     sizes = {"train": config.train_size, "probe": config.probe_size, "test": config.test_size,
              "shifted": config.shifted_size}
     agreements = {"train": config.train_agreement, "probe": 0.5, "test": 0.5, "shifted": 1 - config.train_agreement}
@@ -812,6 +827,32 @@ def _plots(run: Run, history, metrics) -> None:
     save_figure(fig, run.path("sweep.png"))
 
 
+def _setting_note(config: DisentangleConfig) -> str:
+    if config.data == "reviews":
+        return ("Genre is replaced by a keyword-built aspect label (see Data): the paper's sentiment x genre data are "
+                "not reachable offline; setting 3 (syntax vs semantics) is not done")
+    return "Only the toxicity x dialect setting here (`--data reviews`: a stand-in for sentiment x genre)"
+
+
+def _data_paragraph(config: DisentangleConfig, metrics: dict) -> str:
+    """What the data are and how the labels were made, for the report."""
+    factors, values, raw = metrics["factors"], metrics["values"], metrics["data"]["raw_examples"]
+    if config.data == "reviews":
+        from .disentangle_data import ASPECT_LEXICON
+
+        lexicon = "; ".join(f"{name}: {', '.join(words)}" for name, words in ASPECT_LEXICON.items())
+        return f"""A STAND-IN for the paper's setting 1 (sentiment x genre of movie reviews: no genre-labelled
+reviews are reachable offline), built from what is: the Pang & Lee (2005) sentence polarity data (Rotten Tomatoes
+snippets), **{factors[0]}** ({' / '.join(values[0])}) from the file a sentence is in, x **{factors[1]}**
+({' / '.join(values[1])}), a genre-like attribute built from the text itself: the aspect the sentence talks about,
+by keyword lexicon ({lexicon}). A sentence is kept when its words hit exactly one of the two lexicons (sentences
+naming both or neither are dropped); the keywords stay in the text. {raw} labelled sentences."""
+    return f"""The paper's setting 2 built from what is reachable offline: Davidson et al. (2017) tweets,
+**{factors[0]}** ({' / '.join(values[0])}) x **{factors[1]}** ({' / '.join(values[1])}) inferred with the TwitterAAE
+demographic model (AAE share of AAE + White proportions >= {config.dialect_confidence}; tweets in between dropped;
+re-implemented predictor, whitespace tokens). {raw} labelled tweets."""
+
+
 def report_markdown(config: DisentangleConfig, metrics: dict) -> str:
     factors = metrics["factors"]
     header = ["representation"] + [f"probe: {f}" for f in factors] + ["own - other"]
@@ -854,11 +895,8 @@ of {config.batch_size} anchors (init keep {config.init_keep}, lr {config.lr}); t
 
 ## Data (offline setting)
 
-The paper's setting 2 built from what is reachable offline: Davidson et al. (2017) tweets, **{factors[0]}**
-({' / '.join(metrics['values'][0])}) x **{factors[1]}** ({' / '.join(metrics['values'][1])}) inferred with the
-TwitterAAE demographic model (AAE share of AAE + White proportions >= {config.dialect_confidence}; tweets in
-between dropped; re-implemented predictor, whitespace tokens). {data['raw_examples']} labelled tweets; splits
-{data['splits']}; fraction of examples whose two labels agree: {', '.join(f'{s} {a:.2f}' for s, a in data['agreement'].items())}.
+{_data_paragraph(config, metrics)} Splits {data['splits']} (max {config.max_length} tokens per text); fraction of
+examples whose two labels agree: {', '.join(f'{s} {a:.2f}' for s, a in data['agreement'].items())}.
 
 ## Leakage (probes trained on the balanced probe split, scored on the balanced test split; chance 0.5)
 
@@ -900,7 +938,7 @@ setup {sec['setup']:.0f} s, mask training {sec['train']:.0f} s, evaluation {sec[
 - The adversarial baseline trains an MLP over frozen mean-pooled features (not a fine-tuned encoder).
 - The fine-tuned baseline trains the masked blocks only (the blocks below are frozen, as for the masks); pruning
   happens before masking only (no gradual pruning with masking).
-- Only the toxicity x dialect setting; the sweep points train for `sweep_steps` ({config.sweep_steps}) steps and are
+- {_setting_note(config)}; the sweep points train for `sweep_steps` ({config.sweep_steps}) steps and are
   not checkpointed (a `--resume` repeats them).
 
 Files: `metrics.json`, `history.csv`, `masks/`, `loss.png`, `leakage.png`, `sweep.png`, `config.json`.

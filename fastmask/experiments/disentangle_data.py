@@ -10,6 +10,13 @@ over the four topics with a symmetric prior, tokens lower-cased, out-of-vocabula
 known token or fewer than 20% known tokens gets no prediction); tokenisation here is whitespace after stripping
 URLs and @-mentions, not the paper's twokenize.
 
+Offline stand-in for setting 1 (sentiment vs genre of IMDB reviews; no genre-labelled review set is reachable
+offline): the Pang & Lee (2005) sentence polarity data (Rotten Tomatoes snippets, positive / negative) with a
+second, genre-like attribute built from the text itself: the ASPECT a sentence talks about, from the two short
+keyword lexicons ``ASPECT_LEXICON`` (acting: the performers; story: plot, script, narrative). A sentence is kept
+when its words (lower-case letter runs, hyphens kept: "actor's" -> "actor") hit exactly one of the two lexicons;
+sentences naming both or neither are dropped. The aspect words stay in the text (as genre cues do in a review).
+
 Correlation control: every split is drawn from disjoint pools of the four (factor A, factor B) cells so that a
 fraction ``agreement`` of its examples have label_A == label_B (0.5: independent and balanced; 0.8 / 0.2: the
 correlation of training data / its reversal, for the robustness test).
@@ -71,8 +78,6 @@ class TwitterAAE:
     def predict(self, tokens: Sequence[str], alpha: float = 1.0, passes: int = 5, min_known: int = 1,
                 min_known_fraction: float = 0.2):
         """Topic proportions (numpy array of 4), or None when too few tokens are in the model's vocabulary."""
-        import numpy as np
-
         known = [self.index[t.lower()] for t in tokens if t.lower() in self.index]
         if len(known) < min_known or len(known) < min_known_fraction * len(tokens):
             return None
@@ -123,6 +128,43 @@ def load_tweets(data_dir: Optional[str] = None, confidence: float = 0.6, limit: 
             texts.append(" ".join(tokens))
             labels.append((0 if row["class"] == "2" else 1, dialect))
     return FactorData(texts, labels, ("toxicity", "dialect"), (("neither", "toxic"), ("white-aligned", "aae")))
+
+
+# --- sentence polarity x aspect (stand-in for sentiment x genre) ------------------------------------------------
+# Kept small and unambiguous on purpose: words such as "plays" ("plays like ...") or "character" (a story or an
+# acting matter) are left out. On rt-polarity v1.0: 1,227 story and 778 acting sentences are kept (of 10,662).
+ASPECT_LEXICON = {
+    "story": ("story", "stories", "plot", "plots", "plotting", "script", "scripts", "screenplay", "narrative",
+              "storyline", "storytelling", "dialogue", "premise", "ending", "tale", "written", "writing", "writer",
+              "writers"),
+    "acting": ("acting", "acted", "actor", "actors", "actress", "actresses", "performance", "performances",
+               "performer", "performers", "performs", "performed", "cast", "casting", "role", "roles", "portrayal",
+               "portrays", "portraying", "played", "star", "stars", "starring", "co-star", "ensemble"),
+}
+ASPECT_WORDS = re.compile(r"[a-z]+(?:-[a-z]+)*")
+
+
+def review_aspect(text: str) -> Optional[int]:
+    """0 (story) or 1 (acting) when the words of ``text`` hit exactly one lexicon of ASPECT_LEXICON, else None."""
+    words = set(ASPECT_WORDS.findall(text.lower()))
+    hits = [k for k, name in enumerate(("story", "acting")) if words & set(ASPECT_LEXICON[name])]
+    return hits[0] if len(hits) == 1 else None
+
+
+def load_reviews(data_dir: Optional[str] = None, limit: Optional[int] = None) -> FactorData:
+    """Pang & Lee sentences labelled (sentiment: 0 negative / 1 positive, aspect: 0 story / 1 acting): the offline
+    stand-in for the paper's sentiment x genre reviews (see the module docstring). ``limit``: read only the first
+    N lines of each polarity file."""
+    folder = data_path("movie-reviews", "rt-polarity.pos", "rt-polarity.neg", data_dir_override=data_dir)
+    texts, labels = [], []
+    for sentiment, name in ((0, "rt-polarity.neg"), (1, "rt-polarity.pos")):
+        lines = (folder / name).read_text(encoding="utf-8").splitlines()
+        for line in lines[:limit]:
+            aspect = review_aspect(line)
+            if aspect is not None and line.strip():
+                texts.append(line.strip())
+                labels.append((sentiment, aspect))
+    return FactorData(texts, labels, ("sentiment", "aspect"), (("negative", "positive"), ("story", "acting")))
 
 
 # --- splits with a chosen correlation -----------------------------------------------------------------------
@@ -225,5 +267,6 @@ class TripletSampler:
         return positives, negatives
 
 
-__all__ = ["FactorData", "TwitterAAE", "twitter_aae", "tweet_tokens", "load_tweets", "cell_counts", "correlated_splits",
+__all__ = ["FactorData", "TwitterAAE", "twitter_aae", "tweet_tokens", "load_tweets", "ASPECT_LEXICON", "review_aspect",
+           "load_reviews", "cell_counts", "correlated_splits",
            "TripletSampler"]

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
+from .blocks import block_index, pass_through as _pass_through
 from .runner import (BatchStream, CheckpointError, ConfigError, Run, RunConfig, TrainState, add_config_arguments,
                      check, config_from_args, help_metadata, markdown_table, pyplot, resolve_device, save_figure,
                      seed_everything)
@@ -166,23 +167,6 @@ class _Stop(Exception):
     pass
 
 
-_PASS_THROUGH = None
-
-
-def _pass_through():
-    """A module standing in for a frozen lower block whose output comes from the cache: returns its input."""
-    global _PASS_THROUGH
-    if _PASS_THROUGH is None:
-        from torch import nn
-
-        class PassThrough(nn.Module):
-            def forward(self, hidden_states, *args, **kwargs):
-                return hidden_states
-
-        _PASS_THROUGH = PassThrough
-    return _PASS_THROUGH()
-
-
 class TopBlocks:
     """Runs a causal LM from the input of its first masked block. ``inputs(ids, mask)`` runs the (unmasked, frozen)
     lower blocks once and returns that input; ``hidden(ids, mask, h0)`` runs only the blocks from ``first`` on,
@@ -244,14 +228,6 @@ class TopBlocks:
 
     def head(self, hidden):
         return self.lm_head(hidden)
-
-
-def block_index(name: str) -> tuple[str, int]:
-    """("model.layers", 25) for "model.layers.25.self_attn.q_proj": the block list and the block of a layer."""
-    match = re.search(r"^(.*?)\.(\d+)\.", name)
-    if match is None:
-        raise ValueError(f"cannot find a block index in layer name {name!r}")
-    return match.group(1), int(match.group(2))
 
 
 def top_block_targets(model, k: int) -> tuple[list[str], str, int, int]:

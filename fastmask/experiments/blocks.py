@@ -1,0 +1,34 @@
+"""Transformer-block helpers shared by the experiments that mask only the top blocks of a model and run them from a
+cache of the lower blocks' output (knowledge, disentangle)."""
+
+from __future__ import annotations
+
+import re
+
+_PASS_THROUGH = None
+
+
+def block_index(name: str) -> tuple[str, int]:
+    """("model.layers", 25) for "model.layers.25.self_attn.q_proj": the block list and the block of a layer."""
+    match = re.search(r"^(.*?)\.(\d+)\.", name)
+    if match is None:
+        raise ValueError(f"cannot find a block index in layer name {name!r}")
+    return match.group(1), int(match.group(2))
+
+
+def pass_through():
+    """A module standing in for a frozen lower block whose output comes from the cache: returns its input.
+    (The class is made on first use so that importing this module does not import torch.)"""
+    global _PASS_THROUGH
+    if _PASS_THROUGH is None:
+        from torch import nn
+
+        class PassThrough(nn.Module):
+            def forward(self, hidden_states, *args, **kwargs):
+                return hidden_states
+
+        _PASS_THROUGH = PassThrough
+    return _PASS_THROUGH()
+
+
+__all__ = ["block_index", "pass_through"]
