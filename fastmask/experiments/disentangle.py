@@ -54,9 +54,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 from .blocks import block_index, pass_through
-from .runner import (BatchStream, CheckpointError, ConfigError, Run, RunConfig, TrainState, add_config_arguments,
-                     check, config_from_args, help_metadata, markdown_table, pyplot, resolve_device, save_figure,
-                     seed_everything)
+from .runner import (BatchStream, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check, help_metadata,
+                     markdown_table, pyplot, resolve_device, save_figure, run_cli, seed_everything)
 
 EXPERIMENT = "disentangle"
 ESTIMATORS = ("threshold_st", "hard_concrete", "gumbel_sigmoid_st")
@@ -951,14 +950,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> int:
-    from ..assets import AssetUnavailable
-
-    try:
-        config = config_from_args(DisentangleConfig, args, experiment=EXPERIMENT)
-        run_experiment(config, resume=args.resume, overwrite=args.overwrite)
-    except (CheckpointError, AssetUnavailable) as error:  # ConfigError: a usage error (fastmask.cli)
-        raise SystemExit(f"fastmask run disentangle: {error}") from None
-    return 0
+    return run_cli(DisentangleConfig, run_experiment, args, EXPERIMENT)
 
 
 __all__ = ["DisentangleConfig", "DisentangleModel", "Encoded", "mean_pool", "triplet_loss", "overlap_penalty",

@@ -42,9 +42,8 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from .blocks import block_index, pass_through as _pass_through
-from .runner import (BatchStream, CheckpointError, ConfigError, Run, RunConfig, TrainState, add_config_arguments,
-                     check, config_from_args, help_metadata, markdown_table, pyplot, resolve_device, save_figure,
-                     seed_everything)
+from .runner import (BatchStream, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check, help_metadata,
+                     markdown_table, pyplot, resolve_device, save_figure, run_cli, seed_everything)
 
 EXPERIMENT = "knowledge"
 
@@ -1011,15 +1010,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> int:
-    from ..assets import AssetUnavailable
     from .knowledge_data import DataError
 
-    try:
-        config = config_from_args(KnowledgeConfig, args, experiment=EXPERIMENT)
-        run_experiment(config, resume=args.resume, overwrite=args.overwrite)
-    except (CheckpointError, AssetUnavailable, DataError) as error:  # ConfigError: a usage error (fastmask.cli)
-        raise SystemExit(f"fastmask run knowledge: {error}") from None
-    return 0
+    return run_cli(KnowledgeConfig, run_experiment, args, EXPERIMENT, run_errors=(DataError,))
 
 
 __all__ = ["KnowledgeConfig", "reg_lambda", "lr_factor", "kl_uniform_to", "kl_full_to", "loss_terms", "TopBlocks", "Encoded",

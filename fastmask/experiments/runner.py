@@ -294,6 +294,23 @@ def config_from_args(config_cls, args: argparse.Namespace, experiment: str):
 
 
 # --- devices and seeds --------------------------------------------------------------------------------------
+def run_cli(config_cls, run_experiment, args: argparse.Namespace, experiment: str,
+            run_errors: tuple = ()) -> int:
+    """The body of an experiment module's ``run_from_args``: the config of the command line, then the run. A
+    ConfigError propagates (fastmask.cli turns it into a usage error, exit 2); a bad checkpoint, an unreachable
+    asset or one of ``run_errors`` (bad data files, masks, ...) ends the command with its message (exit 1)."""
+    from ..assets import AssetUnavailable
+
+    try:
+        config = config_from_args(config_cls, args, experiment=experiment)
+        run_experiment(config, resume=args.resume, overwrite=args.overwrite)
+    except ConfigError:
+        raise
+    except (CheckpointError, AssetUnavailable, *run_errors) as error:
+        raise SystemExit(f"fastmask run {experiment}: {error}") from None
+    return 0
+
+
 def resolve_device(spec: str):
     """"auto" -> cuda when available else cpu; otherwise torch.device(spec), checked to exist."""
     import torch

@@ -37,9 +37,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from .runner import (BatchStream, CheckpointError, ConfigError, Run, RunConfig, add_config_arguments, check,
-                     config_from_args, help_metadata, markdown_table, pyplot, resolve_device, save_figure,
-                     seed_everything)
+from .runner import (BatchStream, ConfigError, Run, RunConfig, add_config_arguments, check, help_metadata,
+                     markdown_table, pyplot, resolve_device, save_figure, run_cli, seed_everything)
 
 EXPERIMENT = "topoprobe"
 FULL_SEEDS = list(range(1, 41, 4))  # the released sweep: seeds 1, 5, ..., 37
@@ -645,16 +644,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> int:
-    from ..assets import AssetUnavailable
-
-    try:
-        config = config_from_args(TopoprobeConfig, args, experiment=EXPERIMENT)
-        run_experiment(config, resume=args.resume, overwrite=args.overwrite)
-    except ConfigError:
-        raise  # a usage error (fastmask.cli)
-    except (CheckpointError, AssetUnavailable, FileNotFoundError, ValueError) as error:  # bad data, masks, model
-        raise SystemExit(f"fastmask run topoprobe: {error}") from None
-    return 0
+    return run_cli(TopoprobeConfig, run_experiment, args, EXPERIMENT,
+                   run_errors=(FileNotFoundError, ValueError))  # bad data files, masks, model
 
 
 __all__ = ["TopoprobeConfig", "run_experiment", "finetune_run", "probe_layers", "summarise_finetuning",
