@@ -16,6 +16,19 @@ def block_index(name: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
+def block_list(model) -> tuple[str, int, list[str]]:
+    """(qualified name of the model's list of transformer blocks, its length, the names of the default mask
+    targets in it), found from fastmask's default targets; a model with several block lists is an error."""
+    import fastmask as fm
+
+    names = [name for name, _ in fm.hf.find_targets(model, fm.MaskConfig())]
+    paths = {block_index(name)[0] for name in names}
+    if len(paths) != 1:
+        raise ValueError(f"expected one list of transformer blocks in {type(model).__name__}, found {sorted(paths)}")
+    path = paths.pop()
+    return path, len(model.get_submodule(path)), names
+
+
 def pass_through():
     """A module standing in for a frozen lower block whose output comes from the cache: returns its input.
     (The class is made on first use so that importing this module does not import torch.)"""
@@ -31,4 +44,4 @@ def pass_through():
     return _PASS_THROUGH()
 
 
-__all__ = ["block_index", "pass_through"]
+__all__ = ["block_index", "block_list", "pass_through"]

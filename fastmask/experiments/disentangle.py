@@ -53,7 +53,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
-from .blocks import block_index, pass_through
+from .blocks import block_index, block_list, pass_through
 from .runner import (BatchStream, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check, help_metadata,
                      markdown_table, pyplot, resolve_device, save_figure, run_cli, seed_everything)
 
@@ -290,14 +290,8 @@ class Encoded:
 
 def encoder_blocks(encoder) -> tuple[str, int]:
     """(qualified name of the encoder's list of transformer blocks, its length), from the default mask targets."""
-    import fastmask as fm
-
-    names = [name for name, _ in fm.hf.find_targets(encoder, fm.MaskConfig())]
-    paths = {block_index(name)[0] for name in names}
-    if len(paths) != 1:
-        raise ValueError(f"expected one list of transformer blocks in {type(encoder).__name__}, found {sorted(paths)}")
-    path = paths.pop()
-    return path, len(encoder.get_submodule(path))
+    path, n_blocks, _ = block_list(encoder)
+    return path, n_blocks
 
 
 def first_masked_block(encoder, top_blocks: int) -> int:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from .blocks import block_index, pass_through as _pass_through
+from .blocks import block_index, block_list, pass_through as _pass_through
 from .runner import (BatchStream, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check, help_metadata,
                      markdown_table, pyplot, resolve_device, save_figure, run_cli, seed_everything)
 
@@ -232,14 +232,7 @@ class TopBlocks:
 def top_block_targets(model, k: int) -> tuple[list[str], str, int, int]:
     """(names of the default attention/MLP layers in the top ``k`` blocks, the block list, its length, the first
     masked block)."""
-    import fastmask as fm
-
-    names = [name for name, _ in fm.hf.find_targets(model, fm.MaskConfig())]
-    paths = {block_index(n)[0] for n in names}
-    if len(paths) != 1:
-        raise ValueError(f"expected one list of transformer blocks, found {sorted(paths)}")
-    path = paths.pop()
-    n_blocks = len(model.get_submodule(path))
+    path, n_blocks, names = block_list(model)
     if k > n_blocks:
         raise ConfigError(f"top_k_layers must be <= the model's {n_blocks} blocks, got {k}")
     first = n_blocks - k
