@@ -49,11 +49,10 @@ import argparse
 import math
 import platform
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
-from .blocks import block_index, block_list, pass_through
+from .blocks import block_index, block_list, run_from_block
 from .runner import (BatchStream, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check, help_metadata,
                      markdown_table, pyplot, resolve_device, save_figure, run_cli, seed_everything)
 
@@ -352,32 +351,10 @@ class DisentangleModel(_torch_module().Module):
             out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         return out.hidden_states[self.first].detach()
 
-    @contextmanager
-    def _from_cache(self, h0):
-        """Blocks below ``first`` replaced by pass-throughs and block ``first`` fed ``h0`` (the embeddings still run:
-        they are cheap and give the encoder its attention-mask plumbing unchanged)."""
-        if h0 is None or not self.first:
-            yield
-            return
-        blocks = self.encoder.get_submodule(self._blocks_path)
-        saved = [blocks[i] for i in range(self.first)]
-
-        def feed(module, args, kwargs):
-            return ((h0, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h0})
-
-        handle = blocks[self.first].register_forward_pre_hook(feed, with_kwargs=True)
-        try:
-            for i in range(self.first):
-                blocks[i] = pass_through()
-            yield
-        finally:
-            handle.remove()
-            for i, block in enumerate(saved):
-                blocks[i] = block
-
     def pooled(self, input_ids, attention_mask, h0=None):
         """Mean-pooled last hidden states under the current mask mode."""
-        with self._from_cache(h0):
+        blocks = self.encoder.get_submodule(self._blocks_path) if self.first else None
+        with run_from_block(blocks, self.first if h0 is not None else 0, h0):
             out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         return mean_pool(out.last_hidden_state, attention_mask)
 
@@ -487,13 +464,14 @@ def leakage_table(features: dict, labels: dict, l2: float = 1e-3, train: str = "
     return table
 
 
+def best_other(row: Sequence[float], k: int) -> float:
+    """The largest probe accuracy of a leakage-table row on a factor other than ``k``."""
+    return max(a for j, a in enumerate(row) if j != k)
+
+
 def disentanglement_score(table: dict, n_factors: int) -> float:
     """Mean over masks k of (own-factor accuracy - the largest other-factor accuracy), from a leakage table."""
-    gaps = []
-    for k in range(n_factors):
-        row = table[f"mask_{k}"]
-        gaps.append(row[k] - max(a for j, a in enumerate(row) if j != k))
-    return sum(gaps) / len(gaps)
+    return sum(table[f"mask_{k}"][k] - best_other(table[f"mask_{k}"], k) for k in range(n_factors)) / n_factors
 
 
 # --- the adversarial baseline -------------------------------------------------------------------------------
@@ -852,7 +830,7 @@ def report_markdown(config: DisentangleConfig, metrics: dict) -> str:
     leak_rows = []
     for r, row in metrics["leakage"].items():
         k = int(r.rsplit("_", 1)[1]) if r.startswith(("mask_", "adversarial_", "finetuned_")) else None
-        gap = "" if k is None else f"{row[k] - max(a for j, a in enumerate(row) if j != k):+.3f}"
+        gap = "" if k is None else f"{row[k] - best_other(row, k):+.3f}"
         leak_rows.append([r] + row + [gap])
     leak = markdown_table(header, leak_rows, digits=3)
     own_rows = []
@@ -872,7 +850,7 @@ def report_markdown(config: DisentangleConfig, metrics: dict) -> str:
                            [[r["prune_sparsity"], r["steps"], r["disentanglement"],
                              ", ".join(f"{s:.3f}" for s in r["mask_sparsity"]),
                              ", ".join(f"{s:.3f}" for s in r["zero_fraction"])]
-                            + [f"{r['leakage'][k][k]:.3f} / {max(a for j, a in enumerate(r['leakage'][k]) if j != k):.3f}"
+                            + [f"{r['leakage'][k][k]:.3f} / {best_other(r['leakage'][k], k):.3f}"
                                for k in range(len(factors))] for r in metrics["sweep"]], digits=3)
     data = metrics["data"]
     sec = metrics["seconds"]

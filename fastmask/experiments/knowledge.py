@@ -36,12 +36,12 @@ import math
 import platform
 import re
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from .blocks import block_index, block_list, pass_through as _pass_through
+from .blocks import block_index, block_list, run_from_block
 from .runner import (BatchStream, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check, help_metadata,
                      markdown_table, pyplot, resolve_device, save_figure, run_cli, seed_everything)
 
@@ -180,12 +180,6 @@ class TopBlocks:
         if self.lm_head is None:
             raise ValueError(f"{type(model).__name__} has no output embeddings (LM head): not a causal LM")
 
-    @staticmethod
-    def _replace_hidden(args, kwargs, h0):
-        if args:
-            return (h0, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": h0}
-
     def inputs(self, input_ids, attention_mask):
         """The input of block ``first`` (no grad), computing only the blocks below it."""
         import torch
@@ -206,23 +200,8 @@ class TopBlocks:
             handle.remove()
         return captured[0].detach()
 
-    @contextmanager
-    def _from_cache(self, h0):
-        saved = [self.blocks[i] for i in range(self.first)]
-        stub = _pass_through()
-        handle = self.blocks[self.first].register_forward_pre_hook(
-            lambda module, args, kwargs: self._replace_hidden(args, kwargs, h0), with_kwargs=True)
-        try:
-            for i in range(self.first):
-                self.blocks[i] = stub
-            yield
-        finally:
-            handle.remove()
-            for i, block in enumerate(saved):
-                self.blocks[i] = block
-
     def hidden(self, input_ids, attention_mask, h0):
-        with self._from_cache(h0):
+        with run_from_block(self.blocks, self.first, h0):
             return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def head(self, hidden):
@@ -239,7 +218,8 @@ def top_block_targets(model, k: int) -> tuple[list[str], str, int, int]:
     return [n for n in names if block_index(n)[1] >= first], path, n_blocks, first
 
 
-def block_inputs(top: TopBlocks, input_ids, attention_mask, batch_size: int, device, model_key: Optional[str] = None):
+def block_inputs(top: TopBlocks, input_ids, attention_mask, batch_size: int, device,
+                 weights_key: Optional[str] = None):
     """``top.inputs`` over batches, cached in $FASTMASK_CACHE/block-inputs/ under the model, the first masked block
     and the exact tokens (safetensors; a few MB), so that repeated runs skip the lower blocks entirely."""
     import torch
@@ -248,8 +228,8 @@ def block_inputs(top: TopBlocks, input_ids, attention_mask, batch_size: int, dev
     from .. import assets
 
     path = None
-    if model_key is not None:
-        digest = hashlib.sha256(f"{model_key}|{top.first}|{tuple(input_ids.shape)}".encode())
+    if weights_key is not None:
+        digest = hashlib.sha256(f"{weights_key}|{top.first}|{tuple(input_ids.shape)}".encode())
         digest.update(input_ids.numpy().tobytes())
         digest.update(attention_mask.numpy().tobytes())
         path = assets.cache_dir("block-inputs") / f"{digest.hexdigest()[:24]}.safetensors"
@@ -396,14 +376,12 @@ def choose_templates(examples, rule: str, nll_of) -> None:
 
 # --- one step's loss terms -----------------------------------------------------------------------------------
 def final_hidden(top: TopBlocks, input_ids, attention_mask, h0, batch_size: int):
-    """The unmasked model's final hidden states from ``h0`` (no grad), in batches: computed once, they are the
-    reference p_full = softmax(head(.)) of the maintenance terms at every step (the model is frozen)."""
+    """The unmasked model's final hidden states from ``h0`` (no grad), in batches; call it before fastmask.apply.
+    Computed once, they are the reference p_full = softmax(head(.)) of the maintenance terms at every step (the
+    model is frozen)."""
     import torch
 
-    import fastmask as fm
-
-    masked = bool(fm.masked_modules(top.model))
-    with torch.no_grad(), (fm.bypass(top.model) if masked else nullcontext()):
+    with torch.no_grad():
         return torch.cat([top.hidden(input_ids[i:i + batch_size].to(h0.device),
                                      attention_mask[i:i + batch_size].to(h0.device), h0[i:i + batch_size])
                           for i in range(0, len(input_ids), batch_size)])
@@ -566,7 +544,8 @@ def _load_model(config: KnowledgeConfig, device):
     return model, tokenizer, pad_id, source
 
 
-def _prepare_data(config: KnowledgeConfig, model, tokenizer, pad_id: int, device, log) -> Prepared:
+def _prepare_data(config: KnowledgeConfig, model, tokenizer, pad_id: int, device, log,
+                  weights_key: str) -> Prepared:
     """TargetKG, training ControlKG, evaluation ControlKG with their sentences (template chosen per model)."""
     from .. import assets
     from . import knowledge_data as kd
@@ -644,7 +623,7 @@ def _prepare_data(config: KnowledgeConfig, model, tokenizer, pad_id: int, device
     every = target + control_train + control_eval
     if rule in ("lowest-ppl", "released"):
         nll_of = lambda sentences: sentence_nll(model, tokenizer, sentences, pad_id, config.eval_batch,  # noqa: E731
-                                                device, _model_key(model, config.model), config.progress)
+                                                device, weights_key, config.progress)
         needs_choice = [e for e in every if not e.source.startswith("released")]
         choose_templates(needs_choice, "lowest-ppl", nll_of)
     sources["template"] = {"released": f"the paper's released choice for {model_key} (lowest-perplexity candidate "
@@ -778,9 +757,10 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     started = time.perf_counter()
     model, tokenizer, pad_id, source = _load_model(config, device)
     names, blocks_path, n_blocks, first = top_block_targets(model, config.top_k_layers)
+    weights_key = _model_key(model, config.model)  # keys the template-NLL and block-input caches
     prepared = _load_prepared(run) if resume else None
     if prepared is None:
-        prepared = _prepare_data(config, model, tokenizer, pad_id, device, log)
+        prepared = _prepare_data(config, model, tokenizer, pad_id, device, log, weights_key)
         _save_prepared(run, prepared)
     lm_train_text, lm_train_source = kd.wikitext_text("train", config.lm_source, config.data_dir)
     lm_eval_text, lm_eval_source = kd.wikitext_text("eval", config.lm_source, config.data_dir)
@@ -795,10 +775,9 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
         sets[key] = encode(tokenizer, [e.sentence for e in examples], [e.tail_text for e in examples],
                            config.tail_tokens, pad_id)
     # Inputs of the first masked block: the lower blocks never change, so they run once (and are cached on disk).
-    model_key = _model_key(model, config.model)
     for data in sets.values():
-        data.h0 = block_inputs(top, data.input_ids, data.attention_mask, config.eval_batch, device, model_key)
-    lm_train_h0, lm_eval_h0 = (block_inputs(top, b, torch.ones_like(b), config.eval_batch, device, model_key)
+        data.h0 = block_inputs(top, data.input_ids, data.attention_mask, config.eval_batch, device, weights_key)
+    lm_train_h0, lm_eval_h0 = (block_inputs(top, b, torch.ones_like(b), config.eval_batch, device, weights_key)
                                for b in (lm_train, lm_eval))
     lm_train, lm_eval = lm_train.to(device), lm_eval.to(device)
     # The unmasked model's outputs on the maintenance data, once (before the masks exist; also on --resume).
