@@ -30,6 +30,13 @@ TORCH_LIBRARY_FRAGMENT(fastmask, m) {
       "_mask_grad(Tensor grad_wm, Tensor weight, Tensor logits, int bh, int bw, int estimator, int seed, "
       "int offset, float beta, float gamma, float zeta, float tau, bool training, bool inverse, "
       "bool needs_weight_grad) -> (Tensor, Tensor)");
+  // _mask_grad and _masked_weight in ONE pass over the weight (each gate regenerated once): (grad_logits,
+  // grad_weight or empty, W * m). The backward runs the dWm GEMM first, then this, then dx = dy (W * m), so a
+  // per-weight step evaluates its gates twice (forward, backward) instead of three times. CPU only for now.
+  m.def(
+      "_mask_grad_masked_weight(Tensor grad_wm, Tensor weight, Tensor logits, int bh, int bw, int estimator, "
+      "int seed, int offset, float beta, float gamma, float zeta, float tau, bool training, bool inverse, "
+      "bool needs_weight_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 // A Python module named fastmask._C so that `import fastmask._C` loads the library and runs the

@@ -57,6 +57,12 @@ __all__ = [
     "masked_weight_ref",
     "masked_linear_ref",
     "masked_linear_backward_ref",
+    "unit_axis",
+    "unit_dim",
+    "gated_units_ref",
+    "scale_units",
+    "gated_units_backward_ref",
+    "reduce_units",
     "mask_offset",
     "grouped_masked_weight_ref",
     "grouped_masked_linear_ref",
@@ -262,6 +268,74 @@ def masked_linear_backward_ref(grad_out, x, weight, logits, bias=None, estimator
     grad_weight = (grad_wm * mask.to(grad_wm.dtype)).to(weight.dtype) if needs_weight_grad else None
     grad_bias = dy2.sum(0).to(bias.dtype) if bias is not None else None
     return grad_x, grad_weight, grad_logits, grad_bias
+
+
+def unit_axis(grid_shape: Sequence[int], weight_layout: str) -> Optional[str]:
+    """Which whole units a gate grid gates: "in" (input units, heads as groups of them, or the whole layer),
+    "out" (output units) or None (per-weight or block gates).
+
+    A unit gate needs no weight-gradient GEMM (``gated_units_ref``): for input units y = (x * z) W^T gives
+    dz = sum_t x * (dy W); for output units y = (x W^T) * z gives dz = sum_t dy * (x W^T). A layer gate (1, 1) is
+    taken as input units: its backward then needs nothing beyond x, which every masked layer keeps anyway.
+    """
+    grid_rows, grid_cols = grid_shape
+    rows_axis, cols_axis = ("out", "in") if weight_layout == "out_in" else ("in", "out")
+    if grid_rows == 1 and grid_cols == 1:
+        return "in"
+    if grid_rows == 1:
+        return cols_axis
+    if grid_cols == 1:
+        return rows_axis
+    return None
+
+
+def unit_dim(axis: str, weight_layout: str) -> int:
+    """The weight dimension (0 rows, 1 columns) along which the units of ``axis`` lie, in the weight's layout."""
+    return 1 if (axis == "in") == (weight_layout == "out_in") else 0
+
+
+def gated_units_ref(x, logits, group: int, bias=None, estimator="hard_concrete", seed=0, offset=0, training=True,
+                    inverse=False, beta=2 / 3, gamma=-0.1, zeta=1.1, tau=0.0) -> torch.Tensor:
+    """y = x * z[feature // group] + bias along the last dimension of x: one gate per ``group`` consecutive
+    features (the last group may be partial), gate j drawing ``uniform(seed, offset + j)`` as in ``gate_ref``.
+
+    The product is taken in float32 (float64) and rounded once to x's dtype. This is how unit, head and layer
+    masks run without a masked weight: input units gate x before the GEMM, output units gate its result.
+    """
+    gates = gate_ref(logits.reshape(-1), estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
+    return scale_units(x, gates, group, bias)
+
+
+def scale_units(x, gates, group: int, bias=None) -> torch.Tensor:
+    """x * gates[feature // group] (+ bias) in float32 (float64), rounded once to x's dtype."""
+    per_feature = gates.repeat_interleave(group)[: x.shape[-1]]
+    up = _upcast(x)
+    y = up * per_feature.to(up.dtype)
+    if bias is not None:
+        y = y + _upcast(bias)
+    return y.to(x.dtype)
+
+
+def gated_units_backward_ref(grad_out, x, logits, group: int, has_bias=False, estimator="hard_concrete", seed=0,
+                             offset=0, training=True, inverse=False, beta=2 / 3, gamma=-0.1, zeta=1.1, tau=0.0):
+    """(grad_x, grad_logits, grad_bias) of ``gated_units_ref``: grad_x = dy * z, d(gate j) = the float32 (float64)
+    sum over tokens and over the group's features of dy * x, then the estimator's slope; grad_bias = sum_t dy."""
+    flat_logits = logits.reshape(-1)
+    gates = gate_ref(flat_logits, estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
+    grad_x = scale_units(grad_out, gates, group)
+    grad_gates = reduce_units(_upcast(grad_out) * _upcast(x), group, gates.shape[0]).to(gates.dtype)
+    grad_logits = gate_backward_ref(grad_gates, flat_logits, estimator, seed, offset, beta, gamma, zeta, tau,
+                                    training, inverse)
+    grad_bias = _upcast(flatten_tokens(grad_out)).sum(0) if has_bias else None
+    return grad_x, grad_logits.reshape(logits.shape).to(logits.dtype), grad_bias
+
+
+def reduce_units(per_feature: torch.Tensor, group: int, n_gates: int) -> torch.Tensor:
+    """Sum (..., features) over every leading dimension and over each group of ``group`` features: (n_gates,)."""
+    summed = flatten_tokens(per_feature).sum(0)
+    padded = summed.new_zeros(n_gates * group)
+    padded[: summed.shape[0]] = summed
+    return padded.view(n_gates, group).sum(1)
 
 
 def mask_offset(offset: int, mask: int, n_gates: int) -> int:

@@ -67,6 +67,20 @@ def assert_within_pytorch_error(out, oracle, pytorch_out, name: str, rel_floor: 
     assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (PyTorch's own error {base:.3e})"
 
 
+def assert_compiled_matches_eager(step, x, logits, seed):
+    """torch.compile(step, fullgraph=True) gives the eager loss and the eager gradients of x and logits."""
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(x, logits, seed)
+    loss.backward()
+    grads = x.grad.clone(), logits.grad.clone()
+    x.grad = logits.grad = None
+    eager = step(x, logits, seed)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grads[0], x.grad)
+    torch.testing.assert_close(grads[1], logits.grad)
+
+
 # Binary gates whose decision value is this close to its threshold may flip between backends with the last bit of
 # exp / log (the noise bits themselves are identical); comparisons of binary gates leave them out.
 DECISION_MARGIN = 1e-4

@@ -179,3 +179,22 @@ def test_bench_rejects_bad_arguments(capsys):
         cli_main(["bench", "model", "--steps", "0"])
     with pytest.raises(FileNotFoundError, match="results folder"):
         report.load("/nonexistent/results")
+
+
+def test_interleaved_medians_runs_methods_in_turn_and_clears_grads():
+    import torch
+
+    from fastmask.bench.timing import interleaved_medians
+
+    calls, leaf = [], torch.zeros(2, requires_grad=True)
+
+    def method(name):
+        def run():
+            assert leaf.grad is None  # cleared before every call
+            calls.append(name)
+            (leaf * 2).sum().backward()
+        return run
+
+    medians = interleaved_medians({"a": method("a"), "b": method("b")}, [leaf], rounds=3)
+    assert calls == ["a", "b"] * 4  # one warm-up each, then a, b in turn every round
+    assert set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())

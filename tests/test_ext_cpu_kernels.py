@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-OPS = ("_uniform_fill", "_gate_fwd", "_gate_bwd", "_masked_weight", "_mask_grad")
+OPS = ("_uniform_fill", "_gate_fwd", "_gate_bwd", "_masked_weight", "_mask_grad", "_mask_grad_masked_weight")
 ESTIMATOR_CODES = {"hard_concrete": 0, "gumbel_sigmoid_st": 1, "threshold_st": 2, "bernoulli_st": 3}
 BETA, GAMMA, ZETA, TAU = 2 / 3, -0.1, 1.1, 0.3
 DECISION_MARGIN = 1e-5  # hard 0/1 decisions may differ from the reference only this close to their threshold
@@ -442,6 +442,29 @@ def test_mask_grad_matches_reference(wdtype, ldtype, estimator, training, invers
         gl2, gw2 = fm_ops()._mask_grad(grad_wm, weight, logits, block[0], block[1], *cpp, False)
         assert torch.equal(gl2, gl)
         assert gw2.numel() == 0 and gw2.dtype == wdtype
+
+
+@pytest.mark.parametrize("wdtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("ldtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("estimator,training", [("hard_concrete", True), ("gumbel_sigmoid_st", True),
+                                                ("hard_concrete", False)])
+def test_mask_grad_masked_weight_is_both_ops_in_one_pass(wdtype, ldtype, estimator, training):
+    """_mask_grad_masked_weight == (_mask_grad, _masked_weight) bit for bit, for every layout and dtype."""
+    gen = torch.Generator().manual_seed(15)
+    acc = torch.float64 if wdtype == torch.float64 else torch.float32
+    for shape, block in MASK_LAYOUTS:
+        weight = torch.randn(shape, generator=gen).to(wdtype)
+        logits = torch.randn(_grid(shape, block), generator=gen, dtype=ldtype) * 3
+        grad_wm = torch.randn(shape, generator=gen, dtype=acc)
+        cpp, _ = params(estimator, training=training)
+        for needs_weight_grad in (True, False):
+            gl, gw, wm = fm_ops()._mask_grad_masked_weight(grad_wm, weight, logits, block[0], block[1], *cpp,
+                                                           needs_weight_grad)
+            gl_want, gw_want = fm_ops()._mask_grad(grad_wm, weight, logits, block[0], block[1], *cpp,
+                                                   needs_weight_grad)
+            wm_want = fm_ops()._masked_weight(weight, logits, block[0], block[1], *cpp)
+            assert torch.equal(gl, gl_want) and torch.equal(gw, gw_want), f"{shape} block {block}"
+            assert wm.dtype == wdtype and torch.equal(wm, wm_want), f"masked weight {shape} block {block}"
 
 
 def test_mask_grad_per_weight_is_elementwise_exact():

@@ -9,7 +9,7 @@ import torch
 import fastmask as fm
 from fastmask import ref
 
-from conftest import assert_within_pytorch_error, device_backend_params
+from conftest import assert_compiled_matches_eager, assert_within_pytorch_error, device_backend_params
 
 
 @dataclass(frozen=True)
@@ -152,24 +152,16 @@ def test_masked_linear_opcheck():
                           (torch.randn(3, 5), x, weight, logits, True, *scalars, True, False))
 
 
-def test_masked_linear_compiles_fullgraph():
+@pytest.mark.parametrize("grid,block", [((16, 12), None), ((1, 3), (16, 4))], ids=["weight", "heads_of_outputs"])
+def test_masked_linear_compiles_fullgraph(grid, block):
     x = torch.randn(4, 7, 16, requires_grad=True)
     weight = torch.randn(16, 12)  # GPT-2 Conv1D layout
-    logits = torch.randn(16, 12, requires_grad=True)
+    logits = torch.randn(grid, requires_grad=True)
 
     def step(x, logits, seed):
-        return fm.ops.masked_linear(x, weight, logits, seed=seed, weight_layout="in_out").square().mean()
+        return fm.ops.masked_linear(x, weight, logits, seed=seed, weight_layout="in_out", block=block).square().mean()
 
-    compiled = torch.compile(step, fullgraph=True)
-    loss = compiled(x, logits, 3)
-    loss.backward()
-    grads = x.grad.clone(), logits.grad.clone()
-    x.grad = logits.grad = None
-    eager = step(x, logits, 3)
-    eager.backward()
-    torch.testing.assert_close(loss, eager)
-    torch.testing.assert_close(grads[0], x.grad)
-    torch.testing.assert_close(grads[1], logits.grad)
+    assert_compiled_matches_eager(step, x, logits, 3)
 
 
 def test_unit_logits_1d():

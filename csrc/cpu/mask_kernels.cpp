@@ -1,4 +1,5 @@
-// CPU impls of the fastmask._C ops (_uniform_fill, _gate_fwd, _gate_bwd, _masked_weight, _mask_grad).
+// CPU impls of the fastmask._C ops (_uniform_fill, _gate_fwd, _gate_bwd, _masked_weight, _mask_grad,
+// _mask_grad_masked_weight).
 // Design: gates are regenerated from (seed, offset) and never stored; every op works on tiles of
 // (block row g, run of grid columns), computes each gate once into a small stack/thread-local buffer and then
 // streams the weight rows of that tile (one pass over W / grad_wm). float32 gate math runs in vectorisable loops
@@ -795,16 +796,18 @@ FASTMASK_INLINE G block_dot(const A* __restrict gw, const A* __restrict w, int64
   return lane[0];
 }
 
+// WM (optional, nullptr: not wanted): the masked weight W * m in the weight dtype, written from the same pass.
 template <typename Wt, typename G>
-void mask_grad_kernel(const GateCtx& c, const Upcast<Wt>* GW, const Wt* W, const G* L, G* GL, Wt* GWt,
+void mask_grad_kernel(const GateCtx& c, const Upcast<Wt>* GW, const Wt* W, const G* L, G* GL, Wt* GWt, Wt* WM,
                       const TilePlan& t) {
   using A = Upcast<Wt>;
   constexpr bool kDirect = std::is_same_v<Wt, A>;
   const int64_t C = t.cols, bw = t.bw;
   const int64_t max_cols = std::min(t.kc * bw, C);
+  const bool expand = GWt != nullptr || WM != nullptr;
   at::parallel_for(0, t.num_tiles(), tile_grain(t), [&](int64_t t0, int64_t t1) {
     std::vector<G> zrow(static_cast<size_t>(t.kc)), srow(static_cast<size_t>(t.kc)), acc(static_cast<size_t>(t.kc));
-    std::vector<A> zexp(static_cast<size_t>(GWt != nullptr ? max_cols : 0));
+    std::vector<A> zexp(static_cast<size_t>(expand ? max_cols : 0));
     std::vector<float> wrow(static_cast<size_t>(kDirect ? 0 : max_cols)), prod(wrow.size());
     for (int64_t tile = t0; tile < t1; ++tile) {
       const int64_t g = tile / t.nkc, kci = tile % t.nkc;  // t.nrb == 1: whole block rows per tile
@@ -813,7 +816,7 @@ void mask_grad_kernel(const GateCtx& c, const Upcast<Wt>* GW, const Wt* W, const
       const int64_t c0 = k0 * bw, c1 = std::min((k0 + kn) * bw, C), cn = c1 - c0;
       const uint64_t j0 = static_cast<uint64_t>(g * t.gc + k0);
       gate_row(c, L + j0, j0, kn, zrow.data(), srow.data());  // gates and slopes regenerated, once per tile
-      if (GWt != nullptr) expand_gate_row<A, G>(zrow.data(), kn, bw, cn, zexp.data());
+      if (expand) expand_gate_row<A, G>(zrow.data(), kn, bw, cn, zexp.data());
       G* __restrict a = acc.data();
       for (int64_t k = 0; k < kn; ++k) a[k] = G(0);
       for (int64_t r = r0; r < r1; ++r) {
@@ -845,6 +848,17 @@ void mask_grad_kernel(const GateCtx& c, const Upcast<Wt>* GW, const Wt* W, const
             store_row<Wt>(c.isa, p, o, cn);
           }
         }
+        if (WM != nullptr) {  // the product rounded once, as _masked_weight does
+          Wt* __restrict o = WM + r * C + c0;
+          const A* __restrict ze = zexp.data();
+          if constexpr (kDirect) {
+            for (int64_t i = 0; i < cn; ++i) o[i] = w[i] * ze[i];
+          } else {
+            float* __restrict p = prod.data();
+            for (int64_t i = 0; i < cn; ++i) p[i] = w[i] * ze[i];
+            store_row<Wt>(c.isa, p, o, cn);
+          }
+        }
       }
       G* __restrict gl = GL + j0;
       const G* __restrict s = srow.data();
@@ -855,33 +869,36 @@ void mask_grad_kernel(const GateCtx& c, const Upcast<Wt>* GW, const Wt* W, const
 
 template <typename G>
 void mask_grad_dispatch(const GateCtx& c, const at::Tensor& gw, const at::Tensor& w, const at::Tensor& l,
-                        at::Tensor& gl, at::Tensor* gwt, const TilePlan& t) {
+                        at::Tensor& gl, at::Tensor* gwt, at::Tensor* wm, const TilePlan& t) {
   const G* L = l.data_ptr<G>();
   G* GL = gl.data_ptr<G>();
   switch (w.scalar_type()) {
     case at::kFloat:
       mask_grad_kernel<float, G>(c, gw.data_ptr<float>(), w.data_ptr<float>(), L, GL,
-                                 gwt ? gwt->data_ptr<float>() : nullptr, t);
+                                 gwt ? gwt->data_ptr<float>() : nullptr, wm ? wm->data_ptr<float>() : nullptr, t);
       break;
     case at::kDouble:
       mask_grad_kernel<double, G>(c, gw.data_ptr<double>(), w.data_ptr<double>(), L, GL,
-                                  gwt ? gwt->data_ptr<double>() : nullptr, t);
+                                  gwt ? gwt->data_ptr<double>() : nullptr, wm ? wm->data_ptr<double>() : nullptr, t);
       break;
     case at::kHalf:
       mask_grad_kernel<c10::Half, G>(c, gw.data_ptr<float>(), w.data_ptr<c10::Half>(), L, GL,
-                                     gwt ? gwt->data_ptr<c10::Half>() : nullptr, t);
+                                     gwt ? gwt->data_ptr<c10::Half>() : nullptr,
+                                     wm ? wm->data_ptr<c10::Half>() : nullptr, t);
       break;
     default:
       mask_grad_kernel<c10::BFloat16, G>(c, gw.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), L, GL,
-                                         gwt ? gwt->data_ptr<c10::BFloat16>() : nullptr, t);
+                                         gwt ? gwt->data_ptr<c10::BFloat16>() : nullptr,
+                                         wm ? wm->data_ptr<c10::BFloat16>() : nullptr, t);
       break;
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> mask_grad_cpu(const at::Tensor& grad_wm, const at::Tensor& weight,
-                                                 const at::Tensor& logits, int64_t bh, int64_t bw, int64_t estimator,
-                                                 int64_t seed, int64_t offset, double beta, double gamma, double zeta,
-                                                 double tau, bool training, bool inverse, bool needs_weight_grad) {
+// _mask_grad, and with needs_masked_weight also W * m from the same pass (_mask_grad_masked_weight).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_grad_impl(
+    const at::Tensor& grad_wm, const at::Tensor& weight, const at::Tensor& logits, int64_t bh, int64_t bw,
+    int64_t estimator, int64_t seed, int64_t offset, double beta, double gamma, double zeta, double tau,
+    bool training, bool inverse, bool needs_weight_grad, bool needs_masked_weight) {
   const GateCtx c = make_gate_ctx(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse);
   const auto [gr, gc] = check_weight_and_grid(weight, logits, bh, bw);
   check_cpu(grad_wm, "grad_wm");
@@ -894,17 +911,36 @@ std::tuple<at::Tensor, at::Tensor> mask_grad_cpu(const at::Tensor& grad_wm, cons
   // grad_wm is read in float32, or float64 for float64 weights (a no-op for what the op layer passes).
   const at::Tensor gw = grad_wm.to(w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   at::Tensor gl = at::empty(l.sizes(), l.options());
-  at::Tensor gwt = needs_weight_grad ? at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous))
-                                     : at::empty({0}, weight.options());
+  const auto contiguous = w.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor gwt = needs_weight_grad ? at::empty(w.sizes(), contiguous) : at::empty({0}, weight.options());
+  at::Tensor wm = needs_masked_weight ? at::empty(w.sizes(), contiguous) : at::empty({0}, weight.options());
   if (w.numel() == 0) {
     gl.zero_();
-    return {gl, gwt};
+    return {gl, gwt, wm};
   }
   const TilePlan t = plan_tiles(w.size(0), w.size(1), bh, bw, gr, gc, /*split_rows=*/false);
   at::Tensor* gwt_ptr = needs_weight_grad ? &gwt : nullptr;
-  if (l.scalar_type() == at::kDouble) mask_grad_dispatch<double>(c, gw, w, l, gl, gwt_ptr, t);
-  else mask_grad_dispatch<float>(c, gw, w, l, gl, gwt_ptr, t);
+  at::Tensor* wm_ptr = needs_masked_weight ? &wm : nullptr;
+  if (l.scalar_type() == at::kDouble) mask_grad_dispatch<double>(c, gw, w, l, gl, gwt_ptr, wm_ptr, t);
+  else mask_grad_dispatch<float>(c, gw, w, l, gl, gwt_ptr, wm_ptr, t);
+  return {gl, gwt, wm};
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_grad_cpu(const at::Tensor& grad_wm, const at::Tensor& weight,
+                                                 const at::Tensor& logits, int64_t bh, int64_t bw, int64_t estimator,
+                                                 int64_t seed, int64_t offset, double beta, double gamma, double zeta,
+                                                 double tau, bool training, bool inverse, bool needs_weight_grad) {
+  auto [gl, gwt, wm] = mask_grad_impl(grad_wm, weight, logits, bh, bw, estimator, seed, offset, beta, gamma, zeta,
+                                      tau, training, inverse, needs_weight_grad, /*needs_masked_weight=*/false);
   return {gl, gwt};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_grad_masked_weight_cpu(
+    const at::Tensor& grad_wm, const at::Tensor& weight, const at::Tensor& logits, int64_t bh, int64_t bw,
+    int64_t estimator, int64_t seed, int64_t offset, double beta, double gamma, double zeta, double tau,
+    bool training, bool inverse, bool needs_weight_grad) {
+  return mask_grad_impl(grad_wm, weight, logits, bh, bw, estimator, seed, offset, beta, gamma, zeta, tau, training,
+                        inverse, needs_weight_grad, /*needs_masked_weight=*/true);
 }
 
 }  // namespace
@@ -917,4 +953,5 @@ TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
   m.impl("_gate_bwd", &fastmask::cpu::gate_bwd_cpu);
   m.impl("_masked_weight", &fastmask::cpu::masked_weight_cpu);
   m.impl("_mask_grad", &fastmask::cpu::mask_grad_cpu);
+  m.impl("_mask_grad_masked_weight", &fastmask::cpu::mask_grad_masked_weight_cpu);
 }

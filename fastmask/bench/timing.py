@@ -64,3 +64,19 @@ def measure(fn: Callable[[], object], device_type: str, grad_to_none: Sequence[t
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return summarize(times, f"perf_counter(n={rounds})")
+
+
+def interleaved_medians(methods: dict, grad_to_none: Sequence[torch.Tensor], rounds: int) -> dict:
+    """Median ms of each CPU callable, timed interleaved: after one warm-up call each, round r runs every method
+    once, in turn, so that a slow phase of a shared machine hits all of them alike (their ratios stay fair)."""
+    times = {name: [] for name in methods}
+    for fn in methods.values():
+        _clear(grad_to_none)
+        fn()
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            _clear(grad_to_none)
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -107,17 +107,23 @@ class ExtensionBackend:
 
     def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p: GateParams,
                                needs_input_grad, needs_weight_grad):
-        grad_x = None
-        if needs_input_grad:
-            wm = self._masked_weight(weight, logits, block, p)
-            grad_x = grad_out @ (wm.t() if in_out else wm)
-        # dWm in the weight's layout; the GEMM runs in the activation dtype (fp32 accumulation inside the
+        # dWm in the weight's layout first; the GEMM runs in the activation dtype (fp32 accumulation inside the
         # library GEMM), then the fused kernel reads it in float32.
         grad_wm = (x.t() @ grad_out) if in_out else (grad_out.t() @ x)
-        acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        grad_logits, grad_weight = torch.ops.fastmask._mask_grad(
-            grad_wm.to(acc_dtype).contiguous(), weight.contiguous(), logits, block[0], block[1], *p.cpp_args(),
-            needs_weight_grad)
+        grad_wm = grad_wm.to(ref.compute_dtype(weight)).contiguous()
+        weight = weight.contiguous()
+        grad_x = None
+        if needs_input_grad and self.name == "cpu":
+            # One pass regenerates each gate once for both d(logits) and W * m (the step's second and last gate
+            # evaluation); the CUDA kernels have no such op yet and regenerate W * m separately.
+            grad_logits, grad_weight, wm = torch.ops.fastmask._mask_grad_masked_weight(
+                grad_wm, weight, logits, block[0], block[1], *p.cpp_args(), needs_weight_grad)
+        else:
+            grad_logits, grad_weight = torch.ops.fastmask._mask_grad(
+                grad_wm, weight, logits, block[0], block[1], *p.cpp_args(), needs_weight_grad)
+            wm = self._masked_weight(weight, logits, block, p) if needs_input_grad else None
+        if needs_input_grad:
+            grad_x = grad_out @ (wm.t() if in_out else wm)
         grad_bias = grad_out.sum(0) if has_bias else None
         return grad_x, (grad_weight if needs_weight_grad else None), grad_logits, grad_bias
 
@@ -191,6 +197,7 @@ def set_backend(name: str) -> None:
         if not ok:
             raise RuntimeError(f"fastmask.set_backend({name!r}): not available: {why}")
     _selected = name
+    _resolved.clear()
 
 
 def get_backend() -> str:
@@ -209,9 +216,22 @@ def use_backend(name: str):
         set_backend(previous)
 
 
+# resolve_name's answers per (setting, device type, interpreter mode): availability reads the extension status and
+# the environment (tens of microseconds), and every op call asks, so it is asked once. set_backend clears it.
+_resolved: dict = {}
+
+
 def resolve_name(device: torch.device) -> str:
     """The backend that runs ops on tensors of this device under the current setting."""
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (_selected, device_type, _interpreting())
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve_uncached(device_type)
+    return name
+
+
+def _resolve_uncached(device_type: str) -> str:
     if _selected == "auto":
         for candidate in AUTO_ORDER.get(device_type, ("reference",)):
             if availability(candidate, device_type)[0]:

@@ -9,7 +9,7 @@ Triton mask-gradient kernel sums d(logits) with atomic adds when a gate block sp
 
 NaN check: a NaN logit has no gate (hard concrete would give a NaN mask, the straight-through estimators a silent 0,
 and backends disagree), so the ops refuse NaN logits before any kernel starts. Reading the answer of
-``isnan(logits).any()`` costs a device synchronisation on a GPU (about the time of a small kernel, per layer per
+``isnan(logits.amax())`` costs a device synchronisation on a GPU (about the time of a small kernel, per layer per
 call), so "auto" checks every call on CPU tensors and, on GPUs, only when asked (``set_check_finite(True)`` or
 FASTMASK_CHECK_FINITE=1). +-inf logits are valid (gates exactly 0 or 1, zero slopes).
 """
@@ -64,7 +64,9 @@ def refuse_nan(t: torch.Tensor, name: str, where: str) -> None:
         return
     if t.device.type == "meta" or not t.dtype.is_floating_point:
         return
-    if bool(torch.isnan(t).any()):
+    # amax propagates NaN and +-inf never make it NaN: one read-only pass (isnan().any() writes a mask and reads it
+    # again: 12x slower on a 3072 x 768 grid, measured on the 2-core CPU); the count only once a NaN is known.
+    if bool(torch.isnan(t.amax())):
         count = int(torch.isnan(t).sum())
         raise ValueError(f"{where}: {name} contains {count} NaN value(s) of {t.numel()}: a NaN logit has no gate "
                          f"(the training diverged? lower the learning rate, or check the loaded masks); +-inf "

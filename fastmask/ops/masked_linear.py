@@ -11,11 +11,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ref import flatten_tokens
+from ..ref import flatten_tokens, unit_axis
 from ._backend import resolve
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
 from ._modes import refuse_nan
 from ._validate import check_masked_linear
+from .gated_units import unit_masked_linear
 
 _WHERE = "fastmask.ops.masked_linear"
 
@@ -122,5 +123,10 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, b
     _, _, blk = check_masked_linear(x, weight, logits, bias, weight_layout, block, _WHERE)
     beta = default_beta(estimator, beta)
     make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    axis = unit_axis(logits.shape, weight_layout)
+    if axis is not None:  # whole units, heads or the layer: no masked weight, no weight-gradient GEMM
+        return unit_masked_linear(x, weight, logits, bias, axis, blk, weight_layout, estimator=estimator, seed=seed,
+                                  offset=offset, training=bool(training), inverse=bool(inverse), beta=beta,
+                                  gamma=float(gamma), zeta=float(zeta), tau=float(tau))
     return _masked_linear_op(x, weight, logits, bias, estimator, seed, offset, bool(training), bool(inverse),
                              weight_layout, list(blk), beta, float(gamma), float(zeta), float(tau))

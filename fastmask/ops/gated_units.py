@@ -1,0 +1,252 @@
+"""fastmask::gated_units: y = x * z[feature // group] + b, unit gates sampled inside the op; and the unit-gate path
+of masked_linear built on it.
+
+Why a separate op: a gate that covers whole input or output units (units, heads, a layer) needs neither a masked
+weight nor a weight-gradient GEMM. Input units: y = (x * z) W^T; the backward of the GEMM gives g = dy W and this
+op's backward gives dx = g * z and dz = sum_t x * g. Output units: y = (x W^T) * z + b; dx = (dy * z) W and
+dz = sum_t dy * (x W^T). Two GEMMs per step, one fewer than fine-tuning the layer, and the gates are evaluated
+once in forward and once (their slope) in backward, O(units) each.
+
+Memory kept between forward and backward: the op's input (x for input units, which every masked layer keeps
+anyway; the pre-gate GEMM output x W^T, tokens x out in the activation dtype, for output units) and the logits.
+The noise of gate j is ``uniform(seed, offset + j)`` as for every gate grid, so the results equal those of the
+masked-weight path of ``masked_linear`` on the same grid (the tests compare them).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import ref
+from ._backend import resolve
+from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
+from ._modes import refuse_nan
+from ._validate import check_float_tensor, check_same_device
+
+_WHERE = "fastmask.ops.gated_units"
+_WHERE_LINEAR = "fastmask.ops.masked_linear"
+
+
+def _check(x, logits, group, bias, where=_WHERE) -> None:
+    check_float_tensor(x, "x", where)
+    check_float_tensor(logits, "logits", where)
+    if bias is not None:
+        check_float_tensor(bias, "bias", where)
+    check_same_device(where, x=x, logits=logits, bias=bias)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"{where}: group must be a positive int (features per gate), got {group!r}")
+    if x.dim() < 1:
+        raise ValueError(f"{where}: x must have a feature dimension, got a 0-d tensor")
+    features = x.shape[-1]
+    if logits.numel() != -(-features // group):
+        raise ValueError(f"{where}: logits must hold ceil(features / group) = ceil({features} / {group}) = "
+                         f"{-(-features // group)} gates for x of shape {list(x.shape)}, got {logits.numel()} "
+                         f"(shape {list(logits.shape)})")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != features):
+        raise ValueError(f"{where}: bias must have shape [{features}], got {list(bias.shape)}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"{where}: bias must have the dtype of x ({x.dtype}), got {bias.dtype}")
+
+
+@torch.library.custom_op("fastmask::gated_units", mutates_args=())
+def _gated_units_op(x: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor], group: int,
+                    estimator: str, seed: int, offset: int, training: bool, inverse: bool, beta: float, gamma: float,
+                    zeta: float, tau: float) -> torch.Tensor:
+    _check(x, logits, group, bias)
+    params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    refuse_nan(logits, "logits", _WHERE)
+    gates = resolve(x.device).gate_forward(logits.reshape(-1).contiguous(), params)
+    return ref.scale_units(x, gates, group, bias)
+
+
+@_gated_units_op.register_fake
+def _(x, logits, bias, group, estimator, seed, offset, training, inverse, beta, gamma, zeta, tau):
+    _check(x, logits, group, bias)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastmask::gated_units_backward", mutates_args=())
+def _gated_units_backward_op(grad_out: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, has_bias: bool,
+                             group: int, estimator: str, seed: int, offset: int, training: bool, inverse: bool,
+                             beta: float, gamma: float, zeta: float, tau: float, needs_input_grad: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_logits, grad_bias); gradients that were not asked for are empty tensors."""
+    params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    backend = resolve(x.device)
+    flat_logits = logits.reshape(-1).contiguous()
+    grad_x = x.new_empty(0)
+    if needs_input_grad:
+        grad_x = ref.scale_units(grad_out, backend.gate_forward(flat_logits, params), group)
+    # d(gate j): float32 (float64) sum over tokens and the group's features, as the masked-weight path's dWm * W.
+    grad_gates = ref.reduce_units(grad_out.to(ref.compute_dtype(grad_out)) * x.to(ref.compute_dtype(x)), group,
+                                    flat_logits.shape[0])
+    grad_logits = backend.gate_backward(grad_gates.to(ref.compute_dtype(logits)), flat_logits, params)
+    grad_bias = ref.flatten_tokens(grad_out).sum(0).to(grad_out.dtype) if has_bias else x.new_empty(0)
+    return grad_x, grad_logits.reshape(logits.shape).to(logits.dtype), grad_bias
+
+
+@_gated_units_backward_op.register_fake
+def _(grad_out, x, logits, has_bias, group, estimator, seed, offset, training, inverse, beta, gamma, zeta, tau,
+      needs_input_grad):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else x.new_empty(0),
+            torch.empty_like(logits, memory_format=torch.contiguous_format),
+            grad_out.new_empty(grad_out.shape[-1]) if has_bias else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, logits, bias, *scalars = inputs
+    ctx.save_for_backward(x, logits)
+    ctx.has_bias = bias is not None
+    ctx.scalars = scalars
+
+
+def _backward(ctx, grad_out):
+    x, logits = ctx.saved_tensors
+    needs_x, needs_logits, needs_bias = ctx.needs_input_grad[:3]
+    grad_x, grad_logits, grad_bias = _gated_units_backward_op(grad_out, x, logits, ctx.has_bias, *ctx.scalars,
+                                                              needs_x)
+    return ((grad_x if needs_x else None), (grad_logits if needs_logits else None),
+            (grad_bias if needs_bias else None)) + (None,) * len(ctx.scalars)
+
+
+_gated_units_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_units(x: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor] = None, *, group: int = 1,
+                estimator: str = "hard_concrete", seed: int = 0, offset: int = 0, training: bool = True,
+                inverse: bool = False, beta: Optional[float] = None, gamma: float = DEFAULT_GAMMA,
+                zeta: float = DEFAULT_ZETA, tau: float = DEFAULT_TAU) -> torch.Tensor:
+    """Gate the features of ``x`` (its last dimension) by unit gates: ``y = x * z[feature // group] + bias``.
+
+    logits: ceil(features / group) gates (any shape holding that many; float32, trainable), gate j drawing
+    ``uniform(seed, offset + j)``; ``group`` consecutive features share a gate (a head of ``group`` = head_dim
+    features), the last group may be partial. Gradients flow to x, logits and bias. Hidden-unit masks on
+    activations, and the unit / head / layer masks of ``masked_linear`` (which needs no masked weight for them).
+    """
+    _check(x, logits, group, bias)
+    beta = default_beta(estimator, beta)
+    make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    return _gated_units_op(x, logits, bias, group, estimator, seed, offset, bool(training), bool(inverse), beta,
+                           float(gamma), float(zeta), float(tau))
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result for half dtypes (float32 / float64 operands: their own dtype): the operand of a
+    mask gradient is summed over tokens, so it must not be rounded to 8-11 bits first. On CUDA the library GEMM
+    writes float32 directly (aten::mm.dtype); CPUs have no such kernel and multiply in float32."""
+    if a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    if a.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
+        return torch.ops.aten.mm.dtype(a, b, torch.float32)
+    return a.float() @ b.float()
+
+
+@torch.library.custom_op("fastmask::unit_masked_linear", mutates_args=())
+def _unit_masked_linear_op(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor],
+                           gate_outputs: bool, group: int, weight_layout: str, estimator: str, seed: int, offset: int,
+                           training: bool, inverse: bool, beta: float, gamma: float, zeta: float, tau: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, y_pre): y_pre = x W^T (the unmasked GEMM output, what the backward of output-unit gates needs), an empty
+    tensor for input-unit gates."""
+    params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE_LINEAR)
+    refuse_nan(logits, "logits", _WHERE_LINEAR)
+    gates = resolve(x.device).gate_forward(logits.reshape(-1).contiguous(), params)
+    x2 = ref.flatten_tokens(x)
+    w = weight if weight_layout == "out_in" else weight.t()
+    if gate_outputs:
+        y_pre = F.linear(x2, w)
+        y = ref.scale_units(y_pre, gates, group, bias)
+    else:
+        y_pre = x.new_empty(0)
+        y = F.linear(ref.scale_units(x2, gates, group), w, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1]), y_pre
+
+
+@_unit_masked_linear_op.register_fake
+def _(x, weight, logits, bias, gate_outputs, group, weight_layout, estimator, seed, offset, training, inverse, beta,
+      gamma, zeta, tau):
+    out_features = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
+    tokens = x.shape[:-1].numel()
+    return x.new_empty(*x.shape[:-1], out_features), (x.new_empty(tokens, out_features) if gate_outputs
+                                                         else x.new_empty(0))
+
+
+@torch.library.custom_op("fastmask::unit_masked_linear_backward", mutates_args=())
+def _unit_masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                    logits: torch.Tensor, y_pre: torch.Tensor, has_bias: bool, gate_outputs: bool,
+                                    group: int, weight_layout: str, estimator: str, seed: int, offset: int,
+                                    training: bool, inverse: bool, beta: float, gamma: float, zeta: float,
+                                    tau: float, needs_input_grad: bool, needs_weight_grad: bool
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_logits, grad_bias); gradients that were not asked for are empty tensors."""
+    params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE_LINEAR)
+    backend = resolve(x.device)
+    flat_logits = logits.reshape(-1).contiguous()
+    gates = backend.gate_forward(flat_logits, params)
+    dy, x2 = ref.flatten_tokens(grad_out), ref.flatten_tokens(x)
+    w = weight if weight_layout == "out_in" else weight.t()
+    acc = ref.compute_dtype(x)
+    grad_x, grad_weight = x.new_empty(0), x.new_empty(0)  # placeholders: custom-op outputs may not alias
+    if gate_outputs:  # y = (x W^T) * z + b
+        dy_gated = ref.scale_units(dy, gates, group)
+        per_unit = dy.to(acc) * y_pre.to(acc)
+        if needs_input_grad:
+            grad_x = (dy_gated @ w).reshape(x.shape)
+        if needs_weight_grad:
+            grad_weight = dy_gated.t() @ x2
+    else:  # y = (x * z) W^T + b
+        g = _mm_acc(dy, w)  # dL/d(x * z), float32 for half dtypes
+        per_unit = x2.to(acc) * g.to(acc)
+        if needs_input_grad:
+            grad_x = ref.scale_units(g, gates, group).to(x.dtype).reshape(x.shape)
+        if needs_weight_grad:
+            grad_weight = dy.t() @ ref.scale_units(x2, gates, group)
+    if needs_weight_grad and weight_layout == "in_out":
+        grad_weight = grad_weight.t()
+    grad_gates = ref.reduce_units(per_unit, group, flat_logits.shape[0]).to(gates.dtype)
+    grad_logits = backend.gate_backward(grad_gates, flat_logits, params).reshape(logits.shape).to(logits.dtype)
+    grad_bias = dy.sum(0) if has_bias else x.new_empty(0)
+    return grad_x, grad_weight.contiguous() if needs_weight_grad else grad_weight, grad_logits, grad_bias
+
+
+@_unit_masked_linear_backward_op.register_fake
+def _(grad_out, x, weight, logits, y_pre, has_bias, gate_outputs, group, weight_layout, estimator, seed, offset,
+      training, inverse, beta, gamma, zeta, tau, needs_input_grad, needs_weight_grad):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else x.new_empty(0),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_weight_grad else x.new_empty(0),
+            torch.empty_like(logits, memory_format=torch.contiguous_format),
+            grad_out.new_empty(grad_out.shape[-1]) if has_bias else x.new_empty(0))
+
+
+def _unit_setup_context(ctx, inputs, output):
+    x, weight, logits, bias, *scalars = inputs
+    ctx.save_for_backward(x, weight, logits, output[1])
+    ctx.has_bias = bias is not None
+    ctx.scalars = scalars
+
+
+def _unit_backward(ctx, grad_out, _grad_y_pre):
+    x, weight, logits, y_pre = ctx.saved_tensors
+    needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
+    grad_x, grad_weight, grad_logits, grad_bias = _unit_masked_linear_backward_op(
+        grad_out, x, weight, logits, y_pre, ctx.has_bias, *ctx.scalars, needs_x, needs_weight)
+    return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
+            (grad_logits if needs_logits else None), (grad_bias if needs_bias else None)) + (None,) * len(ctx.scalars)
+
+
+_unit_masked_linear_op.register_autograd(_unit_backward, setup_context=_unit_setup_context)
+
+
+def unit_masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor],
+                       axis: str, block: Sequence[int], weight_layout: str, estimator: str, seed: int, offset: int,
+                       training: bool, inverse: bool, beta: float, gamma: float, zeta: float, tau: float
+                       ) -> torch.Tensor:
+    """``masked_linear`` for a gate grid over whole units (arguments validated by it; ``ref.unit_axis`` gives
+    ``axis``): two GEMMs per training step, no masked weight; the weight gradient only when it requires grad."""
+    group = block[ref.unit_dim(axis, weight_layout)]
+    y, _ = _unit_masked_linear_op(x, weight, logits, bias, axis == "out", group, weight_layout, estimator, seed,
+                                  offset, training, inverse, beta, gamma, zeta, tau)
+    return y
