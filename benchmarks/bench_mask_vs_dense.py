@@ -114,8 +114,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"--cases: unknown {unknown}; known: {CASES}")
     fm.set_backend(args.backend)
-    env = results.environment("cpu")
-    env["hardware"] = f"{env['hardware']} threads={torch.get_num_threads()}"
+    env = results.environment("cpu")  # its hardware column names the CPU and the thread count
     out = Path(args.out or os.environ.get(results.OUT_ENV) or Path(__file__).resolve().parent / "results")
     backend = fm.ops._backend.resolve_name(torch.device("cpu"))
     rows = []

@@ -95,8 +95,9 @@ def configurations(name: str, batch: dict):
 
 
 def _without_unit_path(fn):
-    """Run fn with unit / head / layer grids sent through the masked-weight route (the pre-unit-path algorithm)."""
-    with mock.patch("fastmask.ops.masked_linear.unit_axis", lambda *args: None):
+    """Run fn with unit / head / layer grids sent through the masked-weight route (the pre-unit-path algorithm;
+    create=True: code from before the unit path has no such switch and takes that route anyway)."""
+    with mock.patch("fastmask.ops.masked_linear.unit_axis", lambda *args: None, create=True):
         return fn()
 
 
@@ -108,8 +109,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     batch_size, seq = (int(v) for v in args.tokens.split("x"))
-    env = results.environment("cpu")
-    env["hardware"] = f"{env['hardware']} threads={torch.get_num_threads()}"
+    env = results.environment("cpu")  # its hardware column names the CPU and the thread count
     out = Path(args.out or os.environ.get(results.OUT_ENV) or Path(__file__).resolve().parent / "results")
     rows = []
     for name in ["minilm"] + (["smollm2"] if args.smollm2 else []):

@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from . import ops, ref  # noqa: E402
+from . import distributed, ops, ref  # noqa: E402
 from ._info import info  # noqa: E402
 from .config import MaskConfig  # noqa: E402
 from .hf import apply, bypass, inverse, l0_penalty, mask_parameters, masked_modules, sparsity  # noqa: E402
@@ -17,7 +17,7 @@ from .nn import MaskedLinear, mask_index, set_mask_index, set_step  # noqa: E402
 from .ops import get_backend, set_backend, use_backend  # noqa: E402
 from .ops import get_check_finite, is_deterministic, set_check_finite, set_deterministic  # noqa: E402
 
-__all__ = ["ops", "ref", "info", "set_deterministic", "is_deterministic", "set_check_finite", "get_check_finite",
+__all__ = ["ops", "ref", "distributed", "info", "set_deterministic", "is_deterministic", "set_check_finite", "get_check_finite",
            "set_backend", "get_backend", "use_backend", "__version__", "MaskConfig", "apply",
            "mask_parameters", "masked_modules", "l0_penalty", "sparsity", "inverse", "bypass", "set_step",
            "save_masks", "load_masks", "merge", "unapply", "export_pruned", "MaskedLinear", "mask_index",

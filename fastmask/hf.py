@@ -212,6 +212,26 @@ def apply(model: nn.Module, config: Optional[MaskConfig] = None, **overrides) ->
     return model
 
 
+def block_index(name: str) -> tuple[str, int]:
+    """("model.layers", 25) for "model.layers.25.self_attn.q_proj": the block list and the block of a layer."""
+    match = re.search(r"^(.*?)\.(\d+)\.", name)
+    if match is None:
+        raise ValueError(f"cannot find a block index in layer name {name!r}")
+    return match.group(1), int(match.group(2))
+
+
+def block_list(model: nn.Module) -> tuple[str, int, list[str]]:
+    """(qualified name of the model's list of transformer blocks, its length, the names of the default mask
+    targets in it), found from fastmask's default targets (from its masked layers once masks are applied); a model
+    with several block lists is an error."""
+    names = list(masked_layers(model)) or [name for name, _ in find_targets(model, MaskConfig())]
+    paths = {block_index(name)[0] for name in names}
+    if len(paths) != 1:
+        raise ValueError(f"expected one list of transformer blocks in {type(model).__name__}, found {sorted(paths)}")
+    path = paths.pop()
+    return path, len(model.get_submodule(path)), names
+
+
 def _require_masked(model: nn.Module, where: str) -> dict[str, MaskedLinear]:
     layers = masked_layers(model)
     if not layers:

@@ -27,6 +27,8 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from .assets import atomic_write_bytes
 from .config import MaskConfig
@@ -62,12 +64,18 @@ def _parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {name: list(p.shape) for name, p in model.named_parameters() if id(p) not in logits}
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter that FSDP2 shards (a DTensor: all-gathered, so every rank must call this in
+    the same order); any other tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def weights_sha256(model: nn.Module, names) -> str:
     """sha256 over (name, dtype, shape, raw bytes) of the weights of the layers ``names``, in sorted order, read
     in 64 MiB chunks (a GPU tensor is copied to the host one chunk at a time)."""
     digest = hashlib.sha256()
     for name in sorted(names):
-        weight = model.get_submodule(name).weight.detach()
+        weight = full_tensor(model.get_submodule(name).weight.detach())
         if weight.device.type == "meta":
             raise ValueError(f"fastmask: cannot fingerprint {name}: its weight is on the meta device")
         digest.update(f"{name}|{weight.dtype}|{list(weight.shape)}|".encode())
@@ -77,9 +85,17 @@ def weights_sha256(model: nn.Module, names) -> str:
     return digest.hexdigest()
 
 
+def architecture_name(model: nn.Module) -> str:
+    """The model's class name; for a module FSDP2 sharded, the class it was (fully_shard swaps in FSDP<Name>)."""
+    cls = type(model)
+    if isinstance(model, FSDPModule):
+        cls = next(base for base in cls.__mro__[1:] if not issubclass(base, FSDPModule))
+    return cls.__name__
+
+
 def fingerprint(model: nn.Module, names) -> dict:
     """The base-model fingerprint stored with saved masks (``names``: the masked layers)."""
-    return {"architecture": type(model).__name__,
+    return {"architecture": architecture_name(model),
             "model_type": getattr(getattr(model, "config", None), "model_type", None),
             "parameters": _parameter_shapes(model),
             "weights_sha256": weights_sha256(model, names)}
@@ -89,7 +105,7 @@ def _fingerprint_differences(saved: dict, model: nn.Module, names) -> list[tuple
     """[(kind, message)] of what differs between a saved fingerprint and ``model``; kind is "architecture",
     "parameters" or "weights" (the weights are hashed only when names and shapes agree)."""
     problems = []
-    architecture = type(model).__name__
+    architecture = architecture_name(model)
     if saved.get("architecture") != architecture:
         problems.append(("architecture", f"architecture: saved for {saved.get('architecture')}, this model is "
                                          f"{architecture}"))
@@ -134,26 +150,42 @@ def _file_sha256(path: Path) -> str:
 
 def save_masks(model: nn.Module, path: PathLike) -> Path:
     """Write the logits of a patched model (safetensors) and their metadata (JSON) to ``path`` (a directory,
-    created if needed, or ``<stem>.safetensors``). Returns the masks file's path."""
-    from safetensors.torch import save_file
+    created if needed, or ``<stem>.safetensors``). Returns the masks file's path. (A model sharded by FSDP2:
+    fastmask.distributed.save_masks, which every rank calls.)"""
+    return write_masks(mask_payload(model), path)
 
+
+def mask_payload(model: nn.Module) -> tuple[dict, dict]:
+    """(tensors, metadata) of a mask file: the full float32 CPU logits per masked layer and the JSON metadata
+    without the file checksum. Gathers FSDP2-sharded logits and weights (then every rank must call it)."""
     layers = masked_layers(model)
     if not layers:
         raise ValueError("fastmask.save_masks: the model has no MaskedLinear layers (call fastmask.apply first)")
+    config = getattr(model, "fastmask_config", None)
+    tensors = {name: full_tensor(layer.logits.detach()).to("cpu", torch.float32).contiguous()
+               for name, layer in layers.items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fastmask_version": _fastmask_version(),
+            "mask_config": None if config is None else config.to_dict(),
+            "layers": {name: layer.describe() for name, layer in layers.items()},
+            "fingerprint": fingerprint(model, layers)}
+    return tensors, meta
+
+
+def write_masks(payload: tuple[dict, dict], path: PathLike) -> Path:
+    """Write a ``mask_payload`` atomically: the safetensors file (temporary file, fsync, os.replace), then the JSON
+    with the file's sha256. Returns the masks file's path."""
+    from safetensors.torch import save_file
+
+    tensors, meta = payload
     masks_path, meta_path = _paths(path)
     masks_path.parent.mkdir(parents=True, exist_ok=True)
-    config = getattr(model, "fastmask_config", None)
-    tensors = {name: layer.logits.detach().to("cpu", torch.float32).contiguous() for name, layer in layers.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{masks_path.name}.", suffix=".tmp", dir=masks_path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fastmask_version": _fastmask_version(),
-                "mask_config": None if config is None else config.to_dict(),
-                "layers": {name: layer.describe() for name, layer in layers.items()},
-                "fingerprint": fingerprint(model, layers), "masks_sha256": _file_sha256(Path(tmp))}
+        meta = {**meta, "masks_sha256": _file_sha256(Path(tmp))}
         os.replace(tmp, masks_path)
     except BaseException:
         if os.path.exists(tmp):

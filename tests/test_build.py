@@ -140,3 +140,20 @@ def test_sources_and_flags(tmp_path):
     assert "-march=native" not in bu.cxx_flags()
     assert "--use_fast_math" not in bu.nvcc_flags()
     assert bu.cxx_std() in ("c++17", "c++20")
+
+
+def test_triton_older_than_3_4_is_refused_with_the_reason(monkeypatch):
+    """Before triton 3.4, tl.rand with an int64 offset ran a 64-bit Philox: other noise than every other backend."""
+    triton = pytest.importorskip("triton")
+    from fastmask.ops import _backend
+
+    assert _backend._version_tuple("3.4.0+git5f1") == (3, 4, 0) and _backend._version_tuple("3.10") == (3, 10)
+    _backend._triton_status.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    try:
+        ok, why = _backend._triton_status()
+        assert not ok and "older than 3.4" in why and "triton>=3.4" in why
+    finally:
+        monkeypatch.undo()
+        _backend._triton_status.cache_clear()
+    assert _backend._triton_status()[0]

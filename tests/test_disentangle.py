@@ -419,3 +419,24 @@ def test_bad_input_is_a_clear_error(tmp_path):
         dis.run_experiment(config_from_args(dis.DisentangleConfig, _parse(
             ["--data-limit", "300", "--out", str(tmp_path / "y"), "--data-dir", str(SHARED_DATA), "--no-progress"]),
             experiment="disentangle"))
+
+
+@pytest.mark.parametrize("granularity", ["unit_out", "unit_in", "block"])
+def test_zero_fraction_reads_gpt2_conv1d_gates_in_their_own_layout(granularity):
+    """GPT-2's Conv1D stores (in, out): the closed gates must be expanded in that layout (they once were expanded
+    in the (out, in) layout of a transposed weight, which miscounts or fails on rectangular layers)."""
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=8))
+    extra = {"block": (4, 8)} if granularity == "block" else {}
+    fm.apply(model, fm.MaskConfig(granularity=granularity, **extra))
+    layers = fm.masked_modules(model)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.logits.copy_(torch.randn(layer.logits.shape) * 3)  # hard-concrete eval gates: some exactly 0
+        layers["h.0.mlp.c_fc"].weight[0, :5] = 0  # pruned weights count as zero too
+    want = sum(int((layer.merged_weight(mask=0) == 0).sum()) for layer in layers.values()) / \
+        sum(layer.weight.numel() for layer in layers.values())
+    assert 0 < want < 1
+    assert dis.zero_fraction(model, 0) == pytest.approx(want, abs=0)

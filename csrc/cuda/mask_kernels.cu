@@ -4,6 +4,7 @@
 // the chunks in a fixed order: no atomics, bit-reproducible. Limits: 2-D weights (non-contiguous inputs are copied);
 // gate math in float (double for fp64 logits); never build with --use_fast_math (noise must match ref.py bitwise).
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -439,9 +440,8 @@ GateParams make_params(const char* op, int64_t estimator, int64_t seed, int64_t 
 
 // Grid of a grid-stride kernel over `work` items of `per_cta` each: enough CTAs to fill the GPU, no more.
 unsigned int grid_for(int64_t work, int64_t per_cta) {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  // ATen caches the device properties per device: no driver query per launch.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t needed = (work + per_cta - 1) / per_cta;
   const int64_t cap = static_cast<int64_t>(std::max(sms, 1)) * 32;
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(needed, cap)));

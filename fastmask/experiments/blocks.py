@@ -3,31 +3,11 @@ cache of the lower blocks' output (knowledge, disentangle)."""
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 
+from ..hf import block_index, block_list  # noqa: F401  (the experiments' names for them)
+
 _PASS_THROUGH = None
-
-
-def block_index(name: str) -> tuple[str, int]:
-    """("model.layers", 25) for "model.layers.25.self_attn.q_proj": the block list and the block of a layer."""
-    match = re.search(r"^(.*?)\.(\d+)\.", name)
-    if match is None:
-        raise ValueError(f"cannot find a block index in layer name {name!r}")
-    return match.group(1), int(match.group(2))
-
-
-def block_list(model) -> tuple[str, int, list[str]]:
-    """(qualified name of the model's list of transformer blocks, its length, the names of the default mask
-    targets in it), found from fastmask's default targets; a model with several block lists is an error."""
-    import fastmask as fm
-
-    names = [name for name, _ in fm.hf.find_targets(model, fm.MaskConfig())]
-    paths = {block_index(name)[0] for name in names}
-    if len(paths) != 1:
-        raise ValueError(f"expected one list of transformer blocks in {type(model).__name__}, found {sorted(paths)}")
-    path = paths.pop()
-    return path, len(model.get_submodule(path)), names
 
 
 def _pass_through_class():

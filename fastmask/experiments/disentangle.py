@@ -253,13 +253,9 @@ def zero_fraction(model, mask: int) -> float:
     zeros, total = 0, 0
     with torch.no_grad():
         for layer in fm.masked_modules(model).values():
-            weight = layer.weight if layer.weight_layout == "out_in" else layer.weight.t()
-            rows, cols = weight.shape
-            (bh, bw) = layer.block
-            closed = layer.gates(mask=mask).cpu() == 0
-            closed = closed.repeat_interleave(bh, 0)[:rows].repeat_interleave(bw, 1)[:, :cols]
-            zeros += int(((weight.detach().cpu() == 0) | closed).sum())
-            total += weight.numel()
+            closed = layer.mask(mask=mask) == 0  # expanded in the weight's own layout (Conv1D: (in, out))
+            zeros += int(((layer.weight.detach() == 0) | closed.to(layer.weight.device)).sum())
+            total += layer.weight.numel()
     return zeros / total
 
 

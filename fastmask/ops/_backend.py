@@ -35,6 +35,32 @@ AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference
 _selected = os.environ.get("FASTMASK_BACKEND", "auto")
 
 
+def matmul_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result for half dtypes (float32 / float64 operands: their own dtype), for GEMMs whose
+    output feeds a mask gradient (a sum over tokens or weights that must not start from 8-11-bit values). CUDA:
+    cuBLAS writes float32 directly (torch.mm's out_dtype, torch >= 2.8); CPUs have no such kernel and multiply the
+    operands in float32."""
+    if a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    if a.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def composed_mask_grad(backend, grad_wm, weight, logits, block, p: GateParams, needs_weight_grad: bool,
+                       needs_masked_weight: bool):
+    """(grad_logits, grad_weight or None, W * m or None) from dWm (float32 / float64, the weight's layout) with the
+    backend's gate kernels and torch ops: the block sums of dWm * W times the gates' slope; dWm * m; W * m."""
+    gates = backend.gate_forward(logits, p)
+    mask = ref.expand_gates(gates, block, weight.shape).to(grad_wm.dtype)
+    weight_up = weight.to(grad_wm.dtype)
+    grad_gates = ref.reduce_to_grid(grad_wm * weight_up, block, logits.shape).to(gates.dtype)
+    grad_logits = backend.gate_backward(grad_gates, logits, p)
+    grad_weight = (grad_wm * mask).to(weight.dtype) if needs_weight_grad else None
+    masked = (weight_up * mask).to(weight.dtype) if needs_masked_weight else None
+    return grad_logits, grad_weight, masked
+
+
 class ReferenceBackend:
     """fastmask.ref behind the backend interface."""
 
@@ -55,6 +81,9 @@ class ReferenceBackend:
 
     def grouped_masked_weight(self, weight, logits, block, p: GateParams):
         return ref.grouped_masked_weight_ref(weight, logits, block, **p.ref_kwargs())
+
+    def mask_grad(self, grad_wm, weight, logits, block, p: GateParams, needs_weight_grad, needs_masked_weight):
+        return composed_mask_grad(self, grad_wm, weight, logits, block, p, needs_weight_grad, needs_masked_weight)
 
     def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p: GateParams,
                                needs_input_grad, needs_weight_grad):
@@ -107,13 +136,19 @@ class ExtensionBackend:
 
     def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p: GateParams,
                                needs_input_grad, needs_weight_grad):
-        # dWm in the weight's layout first; the GEMM runs in the activation dtype (fp32 accumulation inside the
-        # library GEMM), then the fused kernel reads it in float32.
-        grad_wm = (x.t() @ grad_out) if in_out else (grad_out.t() @ x)
+        # dWm in the weight's layout first, written in float32 by the GEMM itself for half dtypes (no round trip
+        # through bf16 / fp16: the fused kernel sums it per gate).
+        grad_wm = matmul_acc(x.t(), grad_out) if in_out else matmul_acc(grad_out.t(), x)
+        grad_logits, grad_weight, wm = self.mask_grad(grad_wm, weight, logits, block, p, needs_weight_grad,
+                                                      needs_input_grad)
+        grad_x = (grad_out @ (wm.t() if in_out else wm)) if needs_input_grad else None
+        grad_bias = grad_out.sum(0) if has_bias else None
+        return grad_x, grad_weight, grad_logits, grad_bias
+
+    def mask_grad(self, grad_wm, weight, logits, block, p: GateParams, needs_weight_grad, needs_masked_weight):
         grad_wm = grad_wm.to(ref.compute_dtype(weight)).contiguous()
         weight = weight.contiguous()
-        grad_x = None
-        if needs_input_grad and self.name == "cpu":
+        if needs_masked_weight and self.name == "cpu":
             # One pass regenerates each gate once for both d(logits) and W * m (the step's second and last gate
             # evaluation); the CUDA kernels have no such op yet and regenerate W * m separately.
             grad_logits, grad_weight, wm = torch.ops.fastmask._mask_grad_masked_weight(
@@ -121,17 +156,19 @@ class ExtensionBackend:
         else:
             grad_logits, grad_weight = torch.ops.fastmask._mask_grad(
                 grad_wm, weight, logits, block[0], block[1], *p.cpp_args(), needs_weight_grad)
-            wm = self._masked_weight(weight, logits, block, p) if needs_input_grad else None
-        if needs_input_grad:
-            grad_x = grad_out @ (wm.t() if in_out else wm)
-        grad_bias = grad_out.sum(0) if has_bias else None
-        return grad_x, (grad_weight if needs_weight_grad else None), grad_logits, grad_bias
+            wm = self._masked_weight(weight, logits, block, p) if needs_masked_weight else None
+        return grad_logits, (grad_weight if needs_weight_grad else None), wm
 
 
 class TritonBackend:
     """fastmask.kernels (fully fused Triton GEMMs and elementwise kernels)."""
 
     name = "triton"
+
+    def mask_grad(self, grad_wm, weight, logits, block, p: GateParams, needs_weight_grad, needs_masked_weight):
+        # The Triton kernels write d(logits) from the dWm GEMM's epilogue; given a dWm, their gate kernels and
+        # torch ops do it (the grouped op's per-mask backward).
+        return composed_mask_grad(self, grad_wm, weight, logits, block, p, needs_weight_grad, needs_masked_weight)
 
     def __getattr__(self, attr):
         return getattr(importlib.import_module("fastmask.kernels"), attr)
@@ -145,7 +182,24 @@ def _triton_status() -> tuple[bool, str]:
         importlib.import_module("fastmask.kernels")
     except Exception as exc:  # ImportError, or a broken triton install
         return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    if _version_tuple(triton.__version__) < MIN_TRITON:
+        return False, (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}: its tl.rand "
+                       f"with 64-bit offsets draws other noise than the other backends (pip install 'triton>=3.4')")
     return True, f"triton {triton.__version__}"
+
+
+# The first Triton whose tl.rand(seed, int64 offset) is the 32-bit Philox on (lo32, hi32) of the offset (PR #6832).
+MIN_TRITON = (3, 4)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(3, 4) for "3.4.0+git1234"; the leading numeric fields only."""
+    fields = []
+    for part in version.split("+")[0].split("."):
+        if not part.isdigit():
+            break
+        fields.append(int(part))
+    return tuple(fields)
 
 
 def _interpreting() -> bool:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ref
-from ._backend import resolve
+from ._backend import matmul_acc, resolve
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
 from ._modes import refuse_nan
 from ._validate import check_float_tensor, check_same_device
@@ -133,17 +133,6 @@ def gated_units(x: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tens
                            float(gamma), float(zeta), float(tau))
 
 
-def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with a float32 result for half dtypes (float32 / float64 operands: their own dtype): the operand of a
-    mask gradient is summed over tokens, so it must not be rounded to 8-11 bits first. On CUDA the library GEMM
-    writes float32 directly (aten::mm.dtype); CPUs have no such kernel and multiply in float32."""
-    if a.dtype in (torch.float32, torch.float64):
-        return a @ b
-    if a.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
-        return torch.ops.aten.mm.dtype(a, b, torch.float32)
-    return a.float() @ b.float()
-
-
 @torch.library.custom_op("fastmask::unit_masked_linear", mutates_args=())
 def _unit_masked_linear_op(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor],
                            gate_outputs: bool, group: int, weight_layout: str, estimator: str, seed: int, offset: int,
@@ -198,7 +187,7 @@ def _unit_masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, wei
         if needs_weight_grad:
             grad_weight = dy_gated.t() @ x2
     else:  # y = (x * z) W^T + b
-        g = _mm_acc(dy, w)  # dL/d(x * z), float32 for half dtypes
+        g = matmul_acc(dy, w)  # dL/d(x * z), float32 for half dtypes
         per_unit = x2.to(acc) * g.to(acc)
         if needs_input_grad:
             grad_x = ref.scale_units(g, gates, group).to(x.dtype).reshape(x.shape)

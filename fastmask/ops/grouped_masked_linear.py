@@ -10,20 +10,22 @@ offset=offset + k * GR * GC)``: the stack of grids is one Philox stream (fastmas
 How it runs (one grouped computation, not K passes): the K masked weights (K, R, C) are built once in the weight
 dtype (Triton: one launch for all K; C++: one fused call per mask; no fp32 mask is kept), the tokens are grouped
 by mask (a pure reshape for index=None; a stable sort + gather into K groups padded to the largest otherwise),
-and one torch.bmm runs the K products. Backward regenerates the masked weights from (seed, offset), runs the two
-gradient products as bmm's, reduces dWm * W per gate and turns it into the logits gradient with ONE gate-backward
-launch over the stack. Padding costs K x (largest group) rows instead of the batch size: balanced batches, or
-index=None, pay nothing.
+and one torch.bmm runs the K products. Backward goes one mask at a time, as the single-mask op does: the dWm_k
+GEMM (float32 for half dtypes), one fused pass (the backend's ``mask_grad``) for d(logits_k) and W * m_k, then dx_k;
+so it keeps one dWm and one masked weight at a time, not K of each. Padding costs K x (largest group) rows instead of
+the batch size: balanced batches, or index=None, pay nothing (an index tensor costs one host sync, for the largest
+group's size).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
 
 from .. import ref
-from ._backend import resolve
+from ._backend import matmul_acc, resolve
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
 from ._modes import refuse_nan
 from ._validate import check_grouped_masked_linear, check_index_values
@@ -117,22 +119,25 @@ def _grouped_masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, 
     groups = _TokenGroups(x, index, n_masks)
     dy2 = ref.flatten_tokens(grad_out)
     dyg, xg = groups.gather(dy2), groups.gather(ref.flatten_tokens(x))
-    grad_x = x.new_empty(0)
-    if needs_input_grad:
-        wm = backend.grouped_masked_weight(weight, logits, blk, params)
-        grad_x = groups.scatter(torch.bmm(dyg, _as_weight_product(wm, in_out).transpose(1, 2)))
-        grad_x = grad_x.reshape(x.shape).to(x.dtype)
-    # dWm_k in the weight's layout; the bmm runs in the activation dtype (fp32 accumulation inside the library
-    # GEMM, as the single-mask extension backend does), then the per-gate reduction reads it in float32.
-    grad_wm = torch.bmm(xg.transpose(1, 2), dyg) if in_out else torch.bmm(dyg.transpose(1, 2), xg)
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    grad_wm = grad_wm.to(acc)
-    grad_gates = ref.reduce_to_grid(grad_wm * weight.to(acc), blk, logits.shape).to(ref.compute_dtype(logits))
-    grad_logits = backend.gate_backward(grad_gates, logits, params).to(logits.dtype)  # one launch, all K
-    grad_weight = x.new_empty(0)
-    if needs_weight_grad:
-        mask = ref.expand_gates(backend.gate_forward(logits, params), blk, weight.shape)
-        grad_weight = (grad_wm * mask.to(acc)).sum(0).to(weight.dtype)
+    # One mask at a time, as the single-mask backward: dWm_k (float32 from the GEMM for half dtypes), then one fused
+    # pass for d(logits_k) and W * m_k, then dx_k. Per-weight temporaries: one dWm, one W * m, not K of each.
+    grad_logits = torch.empty(logits.shape, dtype=ref.compute_dtype(logits), device=logits.device)
+    grad_xg = torch.empty_like(xg) if needs_input_grad else None
+    grad_weight_acc = torch.zeros(weight.shape, dtype=ref.compute_dtype(weight), device=weight.device) \
+        if needs_weight_grad else None
+    n_gates = logits[0].numel()
+    for k in range(n_masks):
+        params_k = dataclasses.replace(params, offset=ref.mask_offset(params.offset, k, n_gates))
+        grad_wm = matmul_acc(xg[k].t(), dyg[k]) if in_out else matmul_acc(dyg[k].t(), xg[k])
+        grad_logits[k], grad_weight_k, wm = backend.mask_grad(grad_wm, weight, logits[k], blk, params_k,
+                                                              needs_weight_grad, needs_input_grad)
+        if needs_input_grad:
+            torch.mm(dyg[k], wm.t() if in_out else wm, out=grad_xg[k])
+        if needs_weight_grad:
+            grad_weight_acc += grad_weight_k
+    grad_x = groups.scatter(grad_xg).reshape(x.shape) if needs_input_grad else x.new_empty(0)
+    grad_logits = grad_logits.to(logits.dtype)
+    grad_weight = grad_weight_acc.to(weight.dtype) if needs_weight_grad else x.new_empty(0)
     grad_bias = dy2.sum(0).to(grad_out.dtype) if has_bias else x.new_empty(0)
     return grad_x, grad_weight, grad_logits, grad_bias
 
