@@ -67,6 +67,34 @@ def init(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) ->
     return dist.get_rank(), dist.get_world_size()
 
 
+def init_if_launched(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
+    """``init`` when a launcher such as torchrun started several processes (WORLD_SIZE > 1), else (0, 1) with no
+    process group: the experiments call this, so one command line runs alone or under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return init(timeout_s=timeout_s)
+    return rank(), world_size()
+
+
+def share_weights(rows: list) -> list:
+    """Per term, (rows on this rank) x world / (rows on all ranks): the factor that turns this rank's mean over its
+    rows into its share of the global mean once DDP averages the gradients (1.0 each in one process). One
+    all-reduce of len(rows) numbers."""
+    if not dist.is_initialized():
+        return [1.0] * len(rows)
+    total = torch.tensor(rows, dtype=torch.float64)
+    dist.all_reduce(total)
+    return [r * world_size() / t if t > 0 else 0.0 for r, t in zip(rows, total.tolist())]
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over the ranks (the tensor itself in one process)."""
+    if not dist.is_initialized():
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world_size()
+
+
 def rank() -> int:
     """This process's rank (0 without a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0
@@ -108,7 +136,7 @@ def save_masks(model: nn.Module, path) -> Optional[Path]:
     every rank returns once it is written."""
     payload = io.mask_payload(_inner(model))
     written = io.write_masks(payload, path) if rank() == 0 else None
-    _barrier()
+    barrier()
     return written
 
 
@@ -130,7 +158,7 @@ def save_checkpoint(folder, model: nn.Module, optimizer: torch.optim.Optimizer, 
     if rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_state, optim_state = get_state_dict(_inner(model), optimizer, options=_STATE_OPTIONS)
     with _single_process_quiet():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging),
@@ -144,7 +172,7 @@ def save_checkpoint(folder, model: nn.Module, optimizer: torch.optim.Optimizer, 
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
-    _barrier()
+    barrier()
     return folder
 
 
@@ -189,6 +217,7 @@ def _single_process_quiet():
         yield
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for without a process group)."""
     if dist.is_initialized():
         dist.barrier()

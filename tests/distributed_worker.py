@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import fastmask as fm
@@ -41,8 +42,11 @@ def tiny_model(family: str) -> torch.nn.Module:
 
 SCENARIOS = {  # name: (family, mask config, wrapping)
     "gpt2_weight_fsdp": ("gpt2", dict(granularity="weight", init_keep=0.8), "fsdp"),
+    "gpt2_head_fsdp": ("gpt2", dict(granularity="head", init_keep=0.8), "fsdp"),
+    "llama_weight_fsdp": ("llama", dict(granularity="weight", init_keep=0.8), "fsdp"),
     "llama_head_fsdp": ("llama", dict(granularity="head", init_keep=0.8), "fsdp"),
     "gpt2_weight_ddp": ("gpt2", dict(granularity="weight", init_keep=0.8), "ddp"),
+    "llama_head_ddp": ("llama", dict(granularity="head", init_keep=0.8), "ddp"),
 }
 
 
@@ -86,6 +90,11 @@ def train(scenario: str, out: Path, distributed: bool, die_at_step: int = -1, st
         fmd.save_masks(model, path)
     else:
         fm.save_masks(model, path)
+    model.eval()  # eval gates; every rank runs the sharded forward on the whole batch (FSDP2 gathers per block)
+    with torch.no_grad():
+        outputs = model(input_ids=ids).logits
+    if rank == 0:
+        save_file({"logits": outputs.contiguous()}, str(out / f"{scenario}.eval.safetensors"))
     if rank == 0:
         (out / f"{scenario}.done").write_text("ok\n")
 

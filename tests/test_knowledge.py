@@ -351,3 +351,62 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_gpt2_dir, capsys):
     with pytest.raises(SystemExit, match="not a WordNet 3.0 noun synset|not reachable"):  # a data error: exit 1
         kn.run_from_args(parser.parse_args(["--model", str(tiny_gpt2_dir), *TINY_RUN, "--target", "buildingz.n.01",
                                             "--targetkg-source", "wordnet", "--out", str(tmp_path / "d")]))
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory, tiny_gpt2_dir):
+    """The same run as ``cli_run`` under `torchrun --nproc-per-node 2 -m fastmask run knowledge` (gloo, CPU)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("torchrun") / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                             "127.0.0.1", "--master-port", str(port), "-m", "fastmask", "run", "knowledge", "--model",
+                             str(tiny_gpt2_dir), "--out", str(out), *TINY_RUN], capture_output=True, text=True,
+                            timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return out, result
+
+
+def test_data_parallel_run_under_torchrun_follows_the_one_process_run(cli_run, torchrun_run):
+    """Two processes, each on its share of every batch (DDP averaging the logits' gradients, the KL terms weighted
+    by rows so that the average is the global mean): the losses of every step equal the one-process run's to float
+    rounding, and the trained logits to 1e-3 (Adam at lr 0.5 turns gradient rounding into logit differences;
+    measured 1.4e-4 of logits up to 5.9 in size); one results folder with the report, written by rank 0."""
+    (one, _), (two, result) = cli_run, torchrun_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data parallel over 2 processes" in result.stderr
+    assert result.stderr.count("fastmask: report:") == 1
+    for name in ("report.md", "metrics.json", "history.csv", "masks/masks.safetensors"):
+        assert (two / name).is_file(), name
+    for a, b in zip(runner.read_history(one / "history.csv"), runner.read_history(two / "history.csv"), strict=True):
+        for key in ("loss", "target_kl_uniform", "control_kl", "lm_kl", "density"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    want, got = (load_file(str(folder / "masks/masks.safetensors")) for folder in (one, two))
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-3, rtol=0, msg=name)
+
+
+def test_a_data_parallel_run_resumes_in_one_process(torchrun_run, tmp_path, tiny_gpt2_dir):
+    """The state is replicated, so rank 0's checkpoint is the one-process format: a 2-process run's checkpoint of
+    step 4 resumes in one process and ends with the 2-process run's masks (to the data-parallel tolerance)."""
+    two, result = torchrun_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    latest = runner.checkpoint_folders(resumed / "checkpoints")
+    assert [folder.name for folder in latest[:2]] == ["step-00000006", "step-00000004"]
+    shutil.rmtree(latest[0])
+    (resumed / "metrics.json").unlink()
+    config = runner.config_from_args(kn.KnowledgeConfig, _parser().parse_args(
+        ["--model", str(tiny_gpt2_dir), *TINY_RUN, "--out", str(resumed)]), "knowledge")
+    metrics = kn.run_experiment(config, resume=True, log=lambda message: None)
+    assert metrics["timing"]["train_steps_this_process"] == 2
+    want, got = (load_file(str(folder / "masks/masks.safetensors")) for folder in (two, resumed))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-3, rtol=0, msg=name)

@@ -41,11 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
+from torch import nn
+
+from .. import distributed as fmd
 from .blocks import block_index, block_list, run_from_block
 from .runner import (BatchStream, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check, help_metadata,
                      markdown_table, pyplot, resolve_device, save_figure, run_cli, seed_everything)
 
 EXPERIMENT = "knowledge"
+# Under torchrun: how long a rank waits in a collective (the others wait while rank 0 prepares the data: template
+# perplexities, WordNet sets; minutes for a large model on a CPU).
+DISTRIBUTED_TIMEOUT_S = 1800
 
 
 # --- configuration ------------------------------------------------------------------------------------------
@@ -443,6 +449,18 @@ def loss_terms(model, top: TopBlocks, target_batch, control_batch, lm_ids, lm_h0
             "density": fm.l0_penalty(model, normalize=True)}  # mean sigmoid(l) over all masked weights
 
 
+class StepLoss(nn.Module):
+    """``loss_terms`` as a module: DDP hooks a module's forward, and a data-parallel run averages the logits'
+    gradients through it (the top-blocks forward bypasses the model's own forward)."""
+
+    def __init__(self, model, top: TopBlocks):
+        super().__init__()
+        self.model, self.top = model, top
+
+    def forward(self, target_batch, control_batch, lm_ids, lm_h0, lm_full_hidden) -> dict:
+        return loss_terms(self.model, self.top, target_batch, control_batch, lm_ids, lm_h0, lm_full_hidden)
+
+
 # --- evaluation ---------------------------------------------------------------------------------------------
 def score_sentences(top: TopBlocks, data: Encoded, batch_size: int) -> dict:
     """NLL of every scored token, gold rank (1 = top) and log-prob sum per sentence, under the model's current
@@ -750,8 +768,18 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     import fastmask as fm
     from . import knowledge_data as kd
 
-    run = Run(config, resume=resume, overwrite=overwrite, experiment=EXPERIMENT, log=log)
+    # Data parallel under torchrun: every rank holds the whole (small) mask state, draws the same global batches and
+    # the same gates, and trains on its share of each batch; DDP averages the logits' gradients. Rank 0 owns the
+    # results folder (data.json, checkpoints, history, report) and evaluates; the others stop after training.
+    rank, world = fmd.init_if_launched(DISTRIBUTED_TIMEOUT_S)
+    main = rank == 0
+    run = Run(config, resume=resume, overwrite=overwrite, experiment=EXPERIMENT, log=log) if main else None
+    fmd.barrier()
+    if not main:
+        run = Run(config, resume=resume, experiment=EXPERIMENT, log=lambda message: None, main_process=False)
     log = run.log
+    if world > 1:
+        log(f"fastmask: data parallel over {world} processes (torch.distributed, DDP over the mask logits)")
     seed_everything(config.seed)
     device = resolve_device(config.device)
     started = time.perf_counter()
@@ -759,9 +787,12 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     names, blocks_path, n_blocks, first = top_block_targets(model, config.top_k_layers)
     weights_key = _model_key(model, config.model)  # keys the template-NLL and block-input caches
     prepared = _load_prepared(run) if resume else None
-    if prepared is None:
+    if prepared is None and main:
         prepared = _prepare_data(config, model, tokenizer, pad_id, device, log, weights_key)
         _save_prepared(run, prepared)
+    fmd.barrier()
+    if prepared is None:  # another rank: the data rank 0 prepared
+        prepared = _load_prepared(run)
     lm_train_text, lm_train_source = kd.wikitext_text("train", config.lm_source, config.data_dir)
     lm_eval_text, lm_eval_source = kd.wikitext_text("eval", config.lm_source, config.data_dir)
     prepared.sources.update(lm_train=lm_train_source, lm_eval=lm_eval_source)
@@ -795,10 +826,17 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     for layer in layers.values():
         layer.train()
     optimizer = torch.optim.Adam(fm.mask_parameters(model), lr=config.lr)
+    step_loss = StepLoss(model, top)
+    if world > 1:
+        step_loss = fmd.replicate(step_loss)
     target_data, control_data = sets["targetkg"], sets["controlkg_train"]
     streams = {"targetkg": BatchStream(len(target_data), config.targetkg_batch or len(target_data), config.seed),
                "controlkg": BatchStream(len(control_data), config.controlkg_batch, config.seed + 1),
                "lm": BatchStream(lm_train.shape[0], config.lm_batch, config.seed + 2)}
+    for name, stream in streams.items():
+        if stream.batch_size < world:
+            raise ConfigError(f"{name} batches of {stream.batch_size} cannot be shared by {world} processes: every "
+                              f"process needs at least one row (use larger batches or fewer processes)")
     state = TrainState(params={name: layer.logits for name, layer in layers.items()}, optimizer=optimizer,
                        model=model, streams=streams)
     run.restore(state)
@@ -808,17 +846,28 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(step, config.steps, config.warmup_frac)
         fm.set_step(model, step)  # one sampled subnetwork per step, shared by the three terms
-        lm_index = torch.as_tensor(streams["lm"].next(), device=device)
-        terms = loss_terms(model, top, target_data.batch(streams["targetkg"].next()),
-                           control_data.batch(streams["controlkg"].next()), lm_train[lm_index], lm_train_h0[lm_index],
-                           lm_train_full_hidden[lm_index])
-        suppression, control_kl, lm_kl, density = (terms[k] for k in ("suppression", "control_kl", "lm_kl", "density"))
+        # The global batches (the same on every rank), then this rank's share of each.
+        target_batch = target_data.batch(streams["targetkg"].next()[rank::world])
+        control_batch = control_data.batch(streams["controlkg"].next()[rank::world])
+        lm_index = torch.as_tensor(streams["lm"].next()[rank::world], device=device)
+        terms = step_loss(target_batch, control_batch, lm_train[lm_index], lm_train_h0[lm_index],
+                          lm_train_full_hidden[lm_index])
+        # Each KL term is a mean over this rank's scored rows; weighted by rows here / rows of all ranks (x world, as
+        # DDP averages) the ranks' gradients average to the gradient of the global mean. One process: weights 1.0.
+        rows = [len(target_batch[3]), len(control_batch[3]), lm_index.numel() * lm_train.shape[1]]
+        weights = fmd.share_weights(rows)
+        suppression, control_kl, lm_kl = (terms[k] * w for k, w in zip(("suppression", "control_kl", "lm_kl"),
+                                                                         weights))
+        density = terms["density"]
         lam = reg_lambda(step, config.steps, config.lambda_reg_init, config.lambda_reg_final)
         loss = (config.lambda_target * suppression + config.lambda_control * control_kl + config.lambda_lm * lm_kl
                 + lam * density)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        # The logged values are the global ones: the ranks' weighted terms averaged.
+        loss, suppression, control_kl, lm_kl = fmd.mean_over_ranks(
+            torch.stack([loss.detach(), suppression.detach(), control_kl.detach(), lm_kl.detach()]))
         with torch.no_grad():
             closed = sum(int((layer.gates() == 0).sum()) for layer in layers.values())
         row = {"loss": loss.item(), "target_kl_uniform": suppression.item(), "control_kl": control_kl.item(),
@@ -837,6 +886,8 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     history = run.train(state, step_fn, show=("loss", "target_kl_uniform", "control_kl", "lm_kl", "sparsity"),
                         desc=f"knowledge {config.target}")
     train_seconds = time.perf_counter() - train_started
+    if not main:  # rank 0 evaluates and writes the results
+        return {}
 
     eval_started = time.perf_counter()
     results = evaluate(model, top, eval_sets, lm_eval, lm_eval_h0, config.eval_batch, config.seed + 7)

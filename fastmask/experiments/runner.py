@@ -707,12 +707,18 @@ class Run:
     ``resume=True`` keeps the folder and ``restore`` continues from its newest valid checkpoint."""
 
     def __init__(self, config: RunConfig, *, resume: bool = False, overwrite: bool = False,
-                 experiment: Optional[str] = None, log=None):
+                 experiment: Optional[str] = None, log=None, main_process: bool = True):
         self.config = config
         self.dir = Path(config.out)
         self.resume = resume
+        # main_process=False (the other ranks of a data-parallel run): read checkpoints, write nothing, no progress
+        # bar; the main process owns the folder and must have set it up first.
+        self.main_process = main_process
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.experiment = experiment or type(config).__name__
+        if not main_process:
+            self.threads, self.threads_reason = choose_threads(config.threads, resolve_device(config.device))
+            return
         stored = self.dir / "config.json"
         # A folder with a config but no checkpoint and no results is a run that failed while setting up: reusable.
         holds_run = stored.exists() and (bool(checkpoint_folders(self.dir / "checkpoints"))
@@ -744,7 +750,10 @@ class Run:
 
     # -- checkpoints --
     def checkpoint(self, state: TrainState) -> Path:
-        """Save ``state`` as checkpoints/step-<step>/ and keep only the newest ``keep_checkpoints``."""
+        """Save ``state`` as checkpoints/step-<step>/ and keep only the newest ``keep_checkpoints`` (the main process
+        only: the other ranks of a data-parallel run hold the same replicated state)."""
+        if not self.main_process:
+            return self.checkpoint_dir / f"step-{state.step:08d}"
         folder = save_checkpoint(state, self.checkpoint_dir / f"step-{state.step:08d}")
         for old in checkpoint_folders(self.checkpoint_dir)[self.config.keep_checkpoints:]:
             shutil.rmtree(old, ignore_errors=True)
@@ -782,7 +791,7 @@ class Run:
         every = self.config.checkpoint_every
         show = tuple(show)
         bar = tqdm(total=total, initial=state.step, desc=desc or self.experiment,
-                   disable=not self.config.progress, dynamic_ncols=True)
+                   disable=not (self.config.progress and self.main_process), dynamic_ncols=True)
         try:
             while state.step < total:
                 step = state.step
@@ -807,7 +816,9 @@ class Run:
 
     # -- results --
     def write_history(self, history: Sequence[dict]) -> Path:
-        """history.csv: one row per step, columns in order of first appearance."""
+        """history.csv: one row per step, columns in order of first appearance (written by the main process)."""
+        if not self.main_process:
+            return self.path("history.csv")
         columns: list[str] = []
         for row in history:
             columns += [k for k in row if k not in columns]
