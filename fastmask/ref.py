@@ -307,8 +307,9 @@ def gated_units_ref(x, logits, group: int, bias=None, estimator="hard_concrete",
 
 
 def scale_units(x, gates, group: int, bias=None) -> torch.Tensor:
-    """x * gates[feature // group] (+ bias) in float32 (float64), rounded once to x's dtype."""
-    per_feature = gates.repeat_interleave(group)[: x.shape[-1]]
+    """x * gates[..., feature // group] (+ bias) in float32 (float64), rounded once to x's dtype. ``gates``: (G,) for
+    every row, or (rows, G), one gate vector per row of a 2-D x (the rows of K-mask batches)."""
+    per_feature = gates.repeat_interleave(group, dim=-1)[..., : x.shape[-1]]
     up = _upcast(x)
     y = up * per_feature.to(up.dtype)
     if bias is not None:
@@ -323,19 +324,25 @@ def gated_units_backward_ref(grad_out, x, logits, group: int, has_bias=False, es
     flat_logits = logits.reshape(-1)
     gates = gate_ref(flat_logits, estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
     grad_x = scale_units(grad_out, gates, group)
-    grad_gates = reduce_units(_upcast(grad_out) * _upcast(x), group, gates.shape[0]).to(gates.dtype)
+    grad_gates = reduce_units(_upcast(grad_out) * _upcast(x), group, gates.shape[0])[0].to(gates.dtype)
     grad_logits = gate_backward_ref(grad_gates, flat_logits, estimator, seed, offset, beta, gamma, zeta, tau,
                                     training, inverse)
     grad_bias = _upcast(flatten_tokens(grad_out)).sum(0) if has_bias else None
     return grad_x, grad_logits.reshape(logits.shape).to(logits.dtype), grad_bias
 
 
-def reduce_units(per_feature: torch.Tensor, group: int, n_gates: int) -> torch.Tensor:
-    """Sum (..., features) over every leading dimension and over each group of ``group`` features: (n_gates,)."""
-    summed = flatten_tokens(per_feature).sum(0)
-    padded = summed.new_zeros(n_gates * group)
-    padded[: summed.shape[0]] = summed
-    return padded.view(n_gates, group).sum(1)
+def reduce_units(per_feature: torch.Tensor, group: int, n_gates: int, n_masks: int = 1,
+                 token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum (..., features) over each group of ``group`` features and over the rows of each mask: (n_masks, n_gates).
+    Rows (the leading dimensions, flattened) belong to mask ``token_mask[row]``, or, without ``token_mask``, to
+    ``n_masks`` equal contiguous groups."""
+    rows = flatten_tokens(per_feature)
+    padded = rows.new_zeros(rows.shape[0], n_gates * group)
+    padded[:, : rows.shape[1]] = rows
+    per_row = padded.view(rows.shape[0], n_gates, group).sum(2)
+    if token_mask is None:
+        return per_row.view(n_masks, -1, n_gates).sum(1)
+    return per_row.new_zeros(n_masks, n_gates).index_add_(0, token_mask, per_row)
 
 
 def mask_offset(offset: int, mask: int, n_gates: int) -> int:

@@ -156,11 +156,14 @@ def test_unit_masked_linear_opcheck(gate_outputs, layout):
     n_gates = 3 if gate_outputs else 4
     logits, bias = torch.randn(1, n_gates, requires_grad=True), torch.randn(6, requires_grad=True)
     scalars = (gate_outputs, 2, layout, "hard_concrete", 5, 6, True, False, 2 / 3, -0.1, 1.1, 0.0)
-    torch.library.opcheck(torch.ops.fastmask.unit_masked_linear.default, (x, weight, logits, bias) + scalars)
     y_pre = torch.randn(6, 6) if gate_outputs else torch.empty(0)
-    torch.library.opcheck(torch.ops.fastmask.unit_masked_linear_backward.default,
-                          (torch.randn(2, 3, 6), x.detach(), weight, logits.detach(), y_pre, True) + scalars
-                          + (True, True))
+    # One mask; then a stack of 2 with a mask per row (the grouped op's unit path).
+    token_mask = torch.tensor([0, 1, 1, 0, 1, 0])
+    for grid, mask in ((logits, None), (torch.randn(2, 1, n_gates, requires_grad=True), token_mask)):
+        torch.library.opcheck(torch.ops.fastmask.unit_masked_linear.default, (x, weight, grid, bias, mask) + scalars)
+        torch.library.opcheck(torch.ops.fastmask.unit_masked_linear_backward.default,
+                              (torch.randn(2, 3, 6), x.detach(), weight, grid.detach(), y_pre, True, mask) + scalars
+                              + (True, True))
 
 
 def test_gated_units_compiles_fullgraph():

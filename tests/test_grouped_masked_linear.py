@@ -271,3 +271,44 @@ def test_grouped_bad_input(override, message):
     kwargs.update(override)
     with pytest.raises((ValueError, TypeError), match=message):
         fm.ops.grouped_masked_linear(**kwargs)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("grid,block", [((1, 16), (5, 1)), ((5, 1), (1, 16)), ((1, 4), (5, 4)), ((1, 1), (5, 16))],
+                         ids=["unit_in", "unit_out", "head", "layer"])
+@pytest.mark.parametrize("shuffled", [False, True], ids=["groups", "index"])
+def test_grouped_unit_path_equals_the_masked_weight_route(device, backend, layout, grid, block, shuffled):
+    """K unit / head / layer masks through the unit path (every row's gates scale x or the GEMM output: two GEMMs
+    for all K) == the grouped masked-weight op on the same noise, in float64, gradients included."""
+    fm.set_backend(backend)
+    gen = torch.Generator().manual_seed(8)
+    n_masks = 3
+    x = torch.randn(6, 2, 16, generator=gen, dtype=torch.float64).to(device)
+    weight = torch.randn(5, 16, generator=gen, dtype=torch.float64).to(device)
+    logits = (torch.randn((n_masks,) + grid, generator=gen, dtype=torch.float64) * 2).to(device)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64).to(device)
+    grad_out = torch.randn(6, 2, 5, generator=gen, dtype=torch.float64).to(device)
+    index = torch.tensor([2, 0, 1, 1, 0, 2], device=device) if shuffled else None
+    if layout == "in_out":
+        weight, logits, block = weight.t().contiguous(), logits.transpose(1, 2).contiguous(), block[::-1]
+    assert ref.unit_axis(logits.shape[1:], layout) is not None
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, logits, bias)]
+        y = fn(*leaves)
+        y.backward(grad_out)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    unit = run(lambda x, w, l, b: fm.ops.grouped_masked_linear(x, w, l, b, index=index, seed=4, offset=3,
+                                                               weight_layout=layout, block=block))
+    weight_route = run(lambda x, w, l, b: torch.ops.fastmask.grouped_masked_linear(
+        x, w, l, b, index, "hard_concrete", 4, 3, True, False, layout, list(block), 2 / 3, -0.1, 1.1, 0.0))
+    for name, a, b in zip(("y", "grad_x", "grad_weight", "grad_logits", "grad_bias"), unit, weight_route):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_grouped_unit_path_refuses_bad_index_values():
+    x, weight = torch.randn(4, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"index values must be mask numbers in \[0, 2\)"):
+        fm.ops.grouped_masked_linear(x, weight, torch.randn(2, 1, 8), index=torch.tensor([0, 1, 2, 0]))

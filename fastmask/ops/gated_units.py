@@ -24,7 +24,7 @@ from .. import ref
 from ._backend import matmul_acc, resolve
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
 from ._modes import refuse_nan
-from ._validate import check_float_tensor, check_same_device
+from ._validate import check_float_tensor, check_index_values, check_same_device
 
 _WHERE = "fastmask.ops.gated_units"
 _WHERE_LINEAR = "fastmask.ops.masked_linear"
@@ -82,7 +82,7 @@ def _gated_units_backward_op(grad_out: torch.Tensor, x: torch.Tensor, logits: to
         grad_x = ref.scale_units(grad_out, backend.gate_forward(flat_logits, params), group)
     # d(gate j): float32 (float64) sum over tokens and the group's features, as the masked-weight path's dWm * W.
     grad_gates = ref.reduce_units(grad_out.to(ref.compute_dtype(grad_out)) * x.to(ref.compute_dtype(x)), group,
-                                    flat_logits.shape[0])
+                                  flat_logits.shape[0])[0]
     grad_logits = backend.gate_backward(grad_gates.to(ref.compute_dtype(logits)), flat_logits, params)
     grad_bias = ref.flatten_tokens(grad_out).sum(0).to(grad_out.dtype) if has_bias else x.new_empty(0)
     return grad_x, grad_logits.reshape(logits.shape).to(logits.dtype), grad_bias
@@ -133,17 +133,32 @@ def gated_units(x: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tens
                            float(gamma), float(zeta), float(tau))
 
 
+def _row_gates(gates: torch.Tensor, n_masks: int, token_mask: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+    """The gate vector of every row: (G,) for one mask; (rows, G) for K masks (rows in K contiguous groups, or row r
+    using mask ``token_mask[r]``)."""
+    stack = gates.view(n_masks, -1)
+    if n_masks == 1:
+        return stack[0]
+    if token_mask is None:
+        return stack.repeat_interleave(rows // n_masks, dim=0)
+    return stack.index_select(0, token_mask)
+
+
 @torch.library.custom_op("fastmask::unit_masked_linear", mutates_args=())
 def _unit_masked_linear_op(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor],
-                           gate_outputs: bool, group: int, weight_layout: str, estimator: str, seed: int, offset: int,
-                           training: bool, inverse: bool, beta: float, gamma: float, zeta: float, tau: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           token_mask: Optional[torch.Tensor], gate_outputs: bool, group: int, weight_layout: str,
+                           estimator: str, seed: int, offset: int, training: bool, inverse: bool, beta: float,
+                           gamma: float, zeta: float, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, y_pre): y_pre = x W^T (the unmasked GEMM output, what the backward of output-unit gates needs), an empty
-    tensor for input-unit gates."""
+    tensor for input-unit gates. ``logits``: one grid, or a stack (K, ...) of K masks' grids (one noise stream), row r
+    of the flattened x using mask ``token_mask[r]`` (None: K equal contiguous groups of rows)."""
     params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE_LINEAR)
     refuse_nan(logits, "logits", _WHERE_LINEAR)
-    gates = resolve(x.device).gate_forward(logits.reshape(-1).contiguous(), params)
+    n_masks = logits.shape[0] if logits.dim() == 3 else 1
+    check_index_values(token_mask, n_masks, "fastmask.ops.grouped_masked_linear")  # index values: reads them
     x2 = ref.flatten_tokens(x)
+    gates = _row_gates(resolve(x.device).gate_forward(logits.reshape(-1).contiguous(), params), n_masks, token_mask,
+                       x2.shape[0])
     w = weight if weight_layout == "out_in" else weight.t()
     if gate_outputs:
         y_pre = F.linear(x2, w)
@@ -155,8 +170,8 @@ def _unit_masked_linear_op(x: torch.Tensor, weight: torch.Tensor, logits: torch.
 
 
 @_unit_masked_linear_op.register_fake
-def _(x, weight, logits, bias, gate_outputs, group, weight_layout, estimator, seed, offset, training, inverse, beta,
-      gamma, zeta, tau):
+def _(x, weight, logits, bias, token_mask, gate_outputs, group, weight_layout, estimator, seed, offset, training,
+      inverse, beta, gamma, zeta, tau):
     out_features = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
     tokens = x.shape[:-1].numel()
     return x.new_empty(*x.shape[:-1], out_features), (x.new_empty(tokens, out_features) if gate_outputs
@@ -165,17 +180,19 @@ def _(x, weight, logits, bias, gate_outputs, group, weight_layout, estimator, se
 
 @torch.library.custom_op("fastmask::unit_masked_linear_backward", mutates_args=())
 def _unit_masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                                    logits: torch.Tensor, y_pre: torch.Tensor, has_bias: bool, gate_outputs: bool,
-                                    group: int, weight_layout: str, estimator: str, seed: int, offset: int,
-                                    training: bool, inverse: bool, beta: float, gamma: float, zeta: float,
-                                    tau: float, needs_input_grad: bool, needs_weight_grad: bool
+                                    logits: torch.Tensor, y_pre: torch.Tensor, has_bias: bool,
+                                    token_mask: Optional[torch.Tensor], gate_outputs: bool, group: int,
+                                    weight_layout: str, estimator: str, seed: int, offset: int, training: bool,
+                                    inverse: bool, beta: float, gamma: float, zeta: float, tau: float,
+                                    needs_input_grad: bool, needs_weight_grad: bool
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_logits, grad_bias); gradients that were not asked for are empty tensors."""
     params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE_LINEAR)
     backend = resolve(x.device)
+    n_masks = logits.shape[0] if logits.dim() == 3 else 1
     flat_logits = logits.reshape(-1).contiguous()
-    gates = backend.gate_forward(flat_logits, params)
     dy, x2 = ref.flatten_tokens(grad_out), ref.flatten_tokens(x)
+    gates = _row_gates(backend.gate_forward(flat_logits, params), n_masks, token_mask, x2.shape[0])
     w = weight if weight_layout == "out_in" else weight.t()
     acc = ref.compute_dtype(x)
     grad_x, grad_weight = x.new_empty(0), x.new_empty(0)  # placeholders: custom-op outputs may not alias
@@ -195,15 +212,16 @@ def _unit_masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, wei
             grad_weight = dy.t() @ ref.scale_units(x2, gates, group)
     if needs_weight_grad and weight_layout == "in_out":
         grad_weight = grad_weight.t()
-    grad_gates = ref.reduce_units(per_unit, group, flat_logits.shape[0]).to(gates.dtype)
-    grad_logits = backend.gate_backward(grad_gates, flat_logits, params).reshape(logits.shape).to(logits.dtype)
+    grad_gates = ref.reduce_units(per_unit, group, flat_logits.shape[0] // n_masks, n_masks, token_mask)
+    grad_logits = backend.gate_backward(grad_gates.reshape(-1).to(gates.dtype), flat_logits, params)
+    grad_logits = grad_logits.reshape(logits.shape).to(logits.dtype)
     grad_bias = dy.sum(0) if has_bias else x.new_empty(0)
     return grad_x, grad_weight.contiguous() if needs_weight_grad else grad_weight, grad_logits, grad_bias
 
 
 @_unit_masked_linear_backward_op.register_fake
-def _(grad_out, x, weight, logits, y_pre, has_bias, gate_outputs, group, weight_layout, estimator, seed, offset,
-      training, inverse, beta, gamma, zeta, tau, needs_input_grad, needs_weight_grad):
+def _(grad_out, x, weight, logits, y_pre, has_bias, token_mask, gate_outputs, group, weight_layout, estimator, seed,
+      offset, training, inverse, beta, gamma, zeta, tau, needs_input_grad, needs_weight_grad):
     return (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_input_grad else x.new_empty(0),
             torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_weight_grad else x.new_empty(0),
             torch.empty_like(logits, memory_format=torch.contiguous_format),
@@ -211,19 +229,20 @@ def _(grad_out, x, weight, logits, y_pre, has_bias, gate_outputs, group, weight_
 
 
 def _unit_setup_context(ctx, inputs, output):
-    x, weight, logits, bias, *scalars = inputs
-    ctx.save_for_backward(x, weight, logits, output[1])
+    x, weight, logits, bias, token_mask, *scalars = inputs
+    ctx.save_for_backward(x, weight, logits, output[1], token_mask)
     ctx.has_bias = bias is not None
     ctx.scalars = scalars
 
 
 def _unit_backward(ctx, grad_out, _grad_y_pre):
-    x, weight, logits, y_pre = ctx.saved_tensors
+    x, weight, logits, y_pre, token_mask = ctx.saved_tensors
     needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
     grad_x, grad_weight, grad_logits, grad_bias = _unit_masked_linear_backward_op(
-        grad_out, x, weight, logits, y_pre, ctx.has_bias, *ctx.scalars, needs_x, needs_weight)
+        grad_out, x, weight, logits, y_pre, ctx.has_bias, token_mask, *ctx.scalars, needs_x, needs_weight)
     return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
-            (grad_logits if needs_logits else None), (grad_bias if needs_bias else None)) + (None,) * len(ctx.scalars)
+            (grad_logits if needs_logits else None), (grad_bias if needs_bias else None), None) \
+        + (None,) * len(ctx.scalars)
 
 
 _unit_masked_linear_op.register_autograd(_unit_backward, setup_context=_unit_setup_context)
@@ -231,11 +250,13 @@ _unit_masked_linear_op.register_autograd(_unit_backward, setup_context=_unit_set
 
 def unit_masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor],
                        axis: str, block: Sequence[int], weight_layout: str, estimator: str, seed: int, offset: int,
-                       training: bool, inverse: bool, beta: float, gamma: float, zeta: float, tau: float
-                       ) -> torch.Tensor:
-    """``masked_linear`` for a gate grid over whole units (arguments validated by it; ``ref.unit_axis`` gives
-    ``axis``): two GEMMs per training step, no masked weight; the weight gradient only when it requires grad."""
+                       training: bool, inverse: bool, beta: float, gamma: float, zeta: float, tau: float,
+                       token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``masked_linear`` (one grid) or ``grouped_masked_linear`` (a stack of K grids, ``token_mask`` per flattened
+    row or None: K contiguous groups) for gate grids over whole units (arguments validated by the caller;
+    ``ref.unit_axis`` gives ``axis``): two GEMMs per training step whatever K, no masked weight; the weight gradient
+    only when it requires grad."""
     group = block[ref.unit_dim(axis, weight_layout)]
-    y, _ = _unit_masked_linear_op(x, weight, logits, bias, axis == "out", group, weight_layout, estimator, seed,
-                                  offset, training, inverse, beta, gamma, zeta, tau)
+    y, _ = _unit_masked_linear_op(x, weight, logits, bias, token_mask, axis == "out", group, weight_layout, estimator,
+                                  seed, offset, training, inverse, beta, gamma, zeta, tau)
     return y

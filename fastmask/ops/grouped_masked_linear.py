@@ -7,6 +7,9 @@ Row b of x (its leading dimension) uses mask ``index[b]``; ``index=None`` means 
 groups, group k using mask k. Mask k is exactly ``masked_linear(x_k, weight, logits[k], bias,
 offset=offset + k * GR * GC)``: the stack of grids is one Philox stream (fastmask/ref.py).
 
+Unit, head and layer grids take the unit path (fastmask/ops/gated_units.py): each row's gates scale x before the
+GEMM (or its output after it), so all K masks cost the two GEMMs of one masked layer. Other grids:
+
 How it runs (one grouped computation, not K passes): the K masked weights (K, R, C) are built once in the weight
 dtype (Triton: one launch for all K; C++: one fused call per mask; no fp32 mask is kept), the tokens are grouped
 by mask (a pure reshape for index=None; a stable sort + gather into K groups padded to the largest otherwise),
@@ -29,6 +32,7 @@ from ._backend import matmul_acc, resolve
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
 from ._modes import refuse_nan
 from ._validate import check_grouped_masked_linear, check_index_values
+from .gated_units import unit_masked_linear
 
 _WHERE = "fastmask.ops.grouped_masked_linear"
 
@@ -189,6 +193,12 @@ def grouped_masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.T
     _, _, blk, _ = check_grouped_masked_linear(x, weight, logits, bias, index, weight_layout, block, _WHERE)
     beta = default_beta(estimator, beta)
     make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    axis = ref.unit_axis(logits.shape[1:], weight_layout)
+    if axis is not None:  # whole units, heads or the layer: every mask in the same two GEMMs, no masked weights
+        token_mask = None if index is None else index.repeat_interleave(x.shape[1:-1].numel())
+        return unit_masked_linear(x, weight, logits, bias, axis, blk, weight_layout, estimator, seed, offset,
+                                  bool(training), bool(inverse), beta, float(gamma), float(zeta), float(tau),
+                                  token_mask=token_mask)
     return _grouped_masked_linear_op(x, weight, logits, bias, index, estimator, seed, offset, bool(training),
                                      bool(inverse), weight_layout, list(blk), beta, float(gamma), float(zeta),
                                      float(tau))
