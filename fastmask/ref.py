@@ -337,12 +337,14 @@ def reduce_units(per_feature: torch.Tensor, group: int, n_gates: int, n_masks: i
     Rows (the leading dimensions, flattened) belong to mask ``token_mask[row]``, or, without ``token_mask``, to
     ``n_masks`` equal contiguous groups."""
     rows = flatten_tokens(per_feature)
-    padded = rows.new_zeros(rows.shape[0], n_gates * group)
-    padded[:, : rows.shape[1]] = rows
-    per_row = padded.view(rows.shape[0], n_gates, group).sum(2)
-    if token_mask is None:
-        return per_row.view(n_masks, -1, n_gates).sum(1)
-    return per_row.new_zeros(n_masks, n_gates).index_add_(0, token_mask, per_row)
+    features = rows.shape[1]
+    if token_mask is None:  # rows first (one pass over the tokens), then the small (K, features) group sums
+        per_mask = rows.view(n_masks, rows.shape[0] // n_masks, features).sum(1)
+    else:
+        per_mask = rows.new_zeros(n_masks, features).index_add_(0, token_mask, rows)
+    padded = per_mask.new_zeros(n_masks, n_gates * group)
+    padded[:, :features] = per_mask
+    return padded.view(n_masks, n_gates, group).sum(2)
 
 
 def mask_offset(offset: int, mask: int, n_gates: int) -> int:

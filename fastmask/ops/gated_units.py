@@ -197,7 +197,7 @@ def _unit_masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, wei
     acc = ref.compute_dtype(x)
     grad_x, grad_weight = x.new_empty(0), x.new_empty(0)  # placeholders: custom-op outputs may not alias
     if gate_outputs:  # y = (x W^T) * z + b
-        dy_gated = ref.scale_units(dy, gates, group)
+        dy_gated = ref.scale_units(dy, gates, group) if (needs_input_grad or needs_weight_grad) else None
         per_unit = dy.to(acc) * y_pre.to(acc)
         if needs_input_grad:
             grad_x = (dy_gated @ w).reshape(x.shape)
