@@ -440,3 +440,43 @@ def test_zero_fraction_reads_gpt2_conv1d_gates_in_their_own_layout(granularity):
         sum(layer.weight.numel() for layer in layers.values())
     assert 0 < want < 1
     assert dis.zero_fraction(model, 0) == pytest.approx(want, abs=0)
+
+
+def test_data_parallel_run_under_torchrun_follows_the_one_process_run(tiny_bert_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m fastmask run disentangle`: every rank draws the global batch's triplets and
+    trains on its share (DDP over masks and heads, per-anchor means weighted by share): the per-step losses equal the
+    one-process run's to float rounding, the learned logits to 1e-3 (Adam turns gradient rounding into logit
+    differences), and rank 0 alone writes the one results folder."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from fastmask.experiments import runner
+
+    argv = ["--model", str(tiny_bert_dir), *TINY_RUN, "--data-dir", str(SHARED_DATA), "--sweep-sparsities", "0.2"]
+    from fastmask.cli import build_parser
+
+    one = tmp_path / "one"
+    assert dis.run_from_args(build_parser().parse_args(["run", "disentangle", *argv, "--out", str(one)])) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                             "127.0.0.1", "--master-port", str(port), "-m", "fastmask", "run", "disentangle", *argv,
+                             "--out", str(two)], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data parallel over 2 processes" in result.stderr
+    for a, b in zip(runner.read_history(one / "history.csv"), runner.read_history(two / "history.csv"), strict=True):
+        for key in a:
+            if key != "step" and a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    want, got = (load_file(str(folder / "masks/masks.safetensors")) for folder in (one, two))
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-3, rtol=0, msg=name)
+    assert (two / "report.md").is_file() and (two / "metrics.json").is_file()

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import fastmask as fm
-from fastmask import ref
 
 
 def test_hard_concrete_closed_form():

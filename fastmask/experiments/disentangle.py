@@ -52,9 +52,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
+from torch import nn
+
+from .. import distributed as fmd
 from .blocks import block_index, block_list, run_from_block
 from .runner import (BatchStream, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check, help_metadata,
-                     markdown_table, pyplot, resolve_device, save_figure, run_cli, seed_everything)
+                     markdown_table, open_run, pyplot, resolve_device, save_figure, run_cli, seed_everything)
 
 EXPERIMENT = "disentangle"
 ESTIMATORS = ("threshold_st", "hard_concrete", "gumbel_sigmoid_st")
@@ -375,24 +378,27 @@ class DisentangleModel(_torch_module().Module):
 
 
 def step_loss(model: DisentangleModel, data: Encoded, labels, sampler, anchors: Sequence[int], step: int, config,
-              device) -> tuple:
-    """The training loss of one step and its row of history.csv (see the module docstring)."""
+              device, share: float = 1.0, rank: int = 0, world: int = 1) -> tuple:
+    """The training loss of one step and its row of history.csv (see the module docstring). Data parallel: the
+    triplets are drawn for all ``anchors`` (the global batch, so every rank draws the one-process run's triplets),
+    this rank keeps every ``world``-th from ``rank`` and weights its per-anchor means by ``share`` (its anchors x
+    world / all anchors: the ranks' gradients then average to the global mean)."""
     import torch.nn.functional as F
 
     import fastmask as fm
 
-    rows = []
+    rows, mine = [], list(anchors)[rank::world]
     for k in range(model.n_masks):
         positives, negatives = sampler.sample(anchors, k, step)
-        rows += list(anchors) + positives + negatives
+        rows += mine + positives[rank::world] + negatives[rank::world]
     z = model.grouped(*data.batch(rows, device))  # (K, 3B, hidden)
-    b = len(anchors)
+    b = len(mine)
     loss, row = 0.0, {}
     for k in range(model.n_masks):
         za, zp, zn = z[k, :b], z[k, b:2 * b], z[k, 2 * b:]
-        y = labels[list(anchors), k].to(device)
-        ce = F.cross_entropy(model.heads[k](za), y)
-        trip = triplet_loss(za, zp, zn, config.margin)
+        y = labels[mine, k].to(device)
+        ce = F.cross_entropy(model.heads[k](za), y) * share
+        trip = triplet_loss(za, zp, zn, config.margin) * share
         density = fm.l0_penalty(model.encoder, mask=k, normalize=True)
         loss = loss + ce + config.triplet_weight * trip + config.l0_weight * density
         row.update({f"ce_{k}": ce.item(), f"triplet_{k}": trip.item(), f"density_{k}": density.item()})
@@ -402,6 +408,23 @@ def step_loss(model: DisentangleModel, data: Encoded, labels, sampler, anchors: 
         row["overlap"] = overlap.item()
     row = {"loss": loss.item(), **row}
     return loss, row
+
+
+class StepLoss(nn.Module):
+    """``step_loss`` of this rank's share as a module: DDP hooks a module's forward and averages the gradients of the
+    masks and heads through it."""
+
+    def __init__(self, model: DisentangleModel, data: Encoded, labels, sampler, config, device, rank: int = 0,
+                 world: int = 1):
+        super().__init__()
+        self.model, self.data, self.labels, self.sampler = model, data, labels, sampler
+        self.config, self.device, self.rank, self.world = config, device, rank, world
+
+    def forward(self, anchors: Sequence[int], step: int) -> tuple:
+        # Anchors per rank differ by at most one: weight this rank's means by its share of all anchors.
+        share = len(list(anchors)[self.rank::self.world]) * self.world / len(anchors)
+        return step_loss(self.model, self.data, self.labels, self.sampler, anchors, step, self.config, self.device,
+                         share, self.rank, self.world)
 
 
 # --- probes -------------------------------------------------------------------------------------------------
@@ -652,8 +675,16 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
     import fastmask as fm
     from .disentangle_data import TripletSampler
 
-    run = Run(config, resume=resume, overwrite=overwrite, experiment=EXPERIMENT, log=log)
+    # Data parallel under torchrun (as `fastmask run knowledge`): replicated masks and heads, DDP over a StepLoss
+    # module, every rank the global batch's triplets and its share of them; rank 0 owns the folder, evaluates and
+    # runs the sweep; the others stop after training.
+    run, rank, world = open_run(config, resume=resume, overwrite=overwrite, experiment=EXPERIMENT, log=log)
+    main = rank == 0
     log = run.log
+    if world > 1:
+        if config.batch_size < world:
+            raise ConfigError(f"batch_size must be at least the {world} processes (each needs an anchor), got "
+                              f"{config.batch_size}")
     seed_everything(config.seed)
     device = resolve_device(config.device)
     fm.set_backend(config.backend)
@@ -679,18 +710,26 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
     state = TrainState(params=params, optimizer=optimizer, model=model.encoder, streams=streams)
     run.restore(state)
 
+    step_module = StepLoss(model, encoded["train"], labels["train"], sampler, config, device, rank, world)
+    if world > 1:
+        step_module = fmd.replicate(step_module)
+
     def step_fn(step: int) -> dict:
         fm.set_step(model.encoder, step)
-        loss, row = step_loss(model, encoded["train"], labels["train"], sampler, streams["train"].next(), step,
-                              config, device)
+        loss, row = step_module(streams["train"].next(), step)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if world > 1:  # the logged values are the global ones: the ranks' (weighted) values averaged
+            values = fmd.mean_over_ranks(torch.tensor(list(row.values()), dtype=torch.float64))
+            row = dict(zip(row, values.tolist()))
         return row
 
     train_started = time.perf_counter()
     history = run.train(state, step_fn, show=("loss",))
     train_seconds = time.perf_counter() - train_started
+    if not main:  # rank 0 evaluates, runs the sweep and writes the results
+        return {}
     run.save_masks(model.encoder)
 
     eval_started = time.perf_counter()

@@ -46,12 +46,9 @@ from torch import nn
 from .. import distributed as fmd
 from .blocks import block_index, block_list, run_from_block
 from .runner import (BatchStream, ConfigError, Run, RunConfig, TrainState, add_config_arguments, check, help_metadata,
-                     markdown_table, pyplot, resolve_device, save_figure, run_cli, seed_everything)
+                     markdown_table, open_run, pyplot, resolve_device, save_figure, run_cli, seed_everything)
 
 EXPERIMENT = "knowledge"
-# Under torchrun: how long a rank waits in a collective (the others wait while rank 0 prepares the data: template
-# perplexities, WordNet sets; minutes for a large model on a CPU).
-DISTRIBUTED_TIMEOUT_S = 1800
 
 
 # --- configuration ------------------------------------------------------------------------------------------
@@ -771,15 +768,9 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     # Data parallel under torchrun: every rank holds the whole (small) mask state, draws the same global batches and
     # the same gates, and trains on its share of each batch; DDP averages the logits' gradients. Rank 0 owns the
     # results folder (data.json, checkpoints, history, report) and evaluates; the others stop after training.
-    rank, world = fmd.init_if_launched(DISTRIBUTED_TIMEOUT_S)
+    run, rank, world = open_run(config, resume=resume, overwrite=overwrite, experiment=EXPERIMENT, log=log)
     main = rank == 0
-    run = Run(config, resume=resume, overwrite=overwrite, experiment=EXPERIMENT, log=log) if main else None
-    fmd.barrier()
-    if not main:
-        run = Run(config, resume=resume, experiment=EXPERIMENT, log=lambda message: None, main_process=False)
     log = run.log
-    if world > 1:
-        log(f"fastmask: data parallel over {world} processes (torch.distributed, DDP over the mask logits)")
     seed_everything(config.seed)
     device = resolve_device(config.device)
     started = time.perf_counter()

@@ -74,6 +74,11 @@ def help_metadata(text: str) -> dict:
     return {"help": text}
 
 
+# Under torchrun: how long a rank waits in a collective (the others wait while rank 0 prepares the data: template
+# perplexities, WordNet sets; minutes for a large model on a CPU).
+DISTRIBUTED_TIMEOUT_S = 1800
+
+
 class ConfigError(ValueError):
     """A bad configuration value or file; the message names the field (or key) and what was expected."""
 
@@ -848,6 +853,22 @@ class Run:
 
     def finished_message(self) -> str:
         return f"fastmask: report: {self.report_path.resolve()}\nfastmask: results folder: {self.dir.resolve()}"
+
+
+def open_run(config: RunConfig, *, resume: bool, overwrite: bool, experiment: str, log=None) -> tuple:
+    """(run, rank, world): the Run of this process, alone or under torchrun (``fastmask.distributed
+    .init_if_launched``). Data parallel, rank 0 sets the results folder up first and owns it; the other ranks get a
+    Run that reads checkpoints and writes nothing (and logs nothing)."""
+    from .. import distributed as fmd
+
+    rank, world = fmd.init_if_launched(DISTRIBUTED_TIMEOUT_S)
+    run = Run(config, resume=resume, overwrite=overwrite, experiment=experiment, log=log) if rank == 0 else None
+    fmd.barrier()
+    if rank != 0:
+        run = Run(config, resume=resume, experiment=experiment, log=lambda message: None, main_process=False)
+    if world > 1:
+        run.log(f"fastmask: data parallel over {world} processes (torch.distributed)")
+    return run, rank, world
 
 
 def read_history(path) -> list[dict]:

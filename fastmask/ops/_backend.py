@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import importlib
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
