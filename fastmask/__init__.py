@@ -6,9 +6,8 @@
     print(fm.info())
 """
 
-__version__ = "0.1.0"
-
 from . import distributed, ops, ref  # noqa: E402
+from ._version import __version__  # noqa: F401
 from ._info import info  # noqa: E402
 from .config import MaskConfig  # noqa: E402
 from .hf import apply, bypass, inverse, l0_penalty, mask_parameters, masked_modules, sparsity  # noqa: E402

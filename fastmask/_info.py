@@ -6,6 +6,7 @@ import platform
 
 import torch
 
+from ._version import __version__
 from .ops import _backend, _modes
 
 _OPS = ("uniform", "gate", "masked_linear", "l0_norm")
@@ -21,7 +22,7 @@ def info() -> dict:
         devices.append("cuda")
     triton_ok, triton_why = _backend._triton_status()
     report = {
-        "fastmask": __import__("fastmask").__version__,
+        "fastmask": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,

@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from ._version import __version__
 from .assets import atomic_write_bytes
 from .config import MaskConfig
 from .hf import apply, head_dim, layer_role, model_family
@@ -44,9 +45,7 @@ PathLike = Union[str, os.PathLike]
 
 
 def _fastmask_version() -> str:
-    import fastmask  # at call time: fastmask/__init__ imports this module
-
-    return getattr(fastmask, "__version__", "unknown")
+    return __version__
 
 
 def _paths(path: PathLike) -> tuple[Path, Path]:
