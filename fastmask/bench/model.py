@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from ..assets import atomic_write_text
 from .timing import summarize
 
 # GPT-2 sizes (GPT2Config fields) and the batch each is stepped with. "tiny" is the CPU / smoke stand-in.
@@ -279,10 +280,7 @@ def child_main(argv=None) -> int:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data))
 
 
 # ------------------------------------------------------------------------------------------ in the parent --

@@ -10,13 +10,15 @@ new content goes to a temporary file beside the old one, then replaces it.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Optional
+
+from ..assets import atomic_write_text
 
 # Where `fastmask bench` writes when neither --out nor this variable says otherwise: the current directory.
 OUT_ENV = "FASTMASK_BENCH_OUT"
@@ -108,17 +110,11 @@ def _columns(existing: list[str], rows: Iterable[dict]) -> list[str]:
 
 
 def _write_atomic(path: Path, columns: list[str], rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def append_rows(path: Path, rows: list[dict]) -> Path:
