@@ -101,8 +101,9 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           "MIT", folder="davidson-hate"),
     Asset("twitteraae", "data", "TwitterAAE demographic dialect model tables (Blodgett et al. 2016)",
           "https://github.com/slanglab/twitteraae", ("shared data folder twitteraae/",), "MIT", folder="twitteraae"),
-    Asset("movie-reviews", "data", "Pang & Lee sentence polarity v1.0", "hub: cornell-movie-review-data/rotten_tomatoes",
-          ("shared data folder movie-reviews/",), "research use", folder="movie-reviews"),
+    Asset("movie-reviews", "data", "Pang & Lee sentence polarity v1.0",
+          "hub: cornell-movie-review-data/rotten_tomatoes", ("shared data folder movie-reviews/",), "research use",
+          folder="movie-reviews"),
     Asset("mrpc", "data", "Microsoft Research Paraphrase Corpus", "hub: nyu-mll/glue (mrpc)",
           ("shared data folder mrpc/",), "research use", folder="mrpc"),
 ]}

@@ -16,9 +16,12 @@ import sys
 
 # experiment name -> (module, one-line help). Add a row here to add `fastmask run <name>`.
 EXPERIMENTS = {
-    "knowledge": ("fastmask.experiments.knowledge", "knowledge-critical subnetworks of a causal LM (Bayazit et al. 2024)"),
-    "topoprobe": ("fastmask.experiments.topoprobe", "structural and tree-topological probes per layer (Li et al. 2023)"),
-    "disentangle": ("fastmask.experiments.disentangle", "one mask per factor to disentangle representations (Zhang et al. 2021)"),
+    "knowledge": ("fastmask.experiments.knowledge",
+                 "knowledge-critical subnetworks of a causal LM (Bayazit et al. 2024)"),
+    "topoprobe": ("fastmask.experiments.topoprobe",
+                 "structural and tree-topological probes per layer (Li et al. 2023)"),
+    "disentangle": ("fastmask.experiments.disentangle",
+                   "one mask per factor to disentangle representations (Zhang et al. 2021)"),
 }
 
 

@@ -17,7 +17,8 @@ import fastmask as fm  # noqa: E402
 from fastmask.ops import _backend  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-SHARED_DATA = Path(os.environ.get("FASTMASK_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("FASTMASK_SHARED_DATA",
+                                  Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 
 
 def backends_for(device: str) -> list[str]:

@@ -121,7 +121,8 @@ def test_top_blocks_equal_the_whole_model(arch, gpt2_tokenizer):
             tail = kn._tail_logits(top, batch, full=False)
         mask = data.attention_mask.bool()
         assert torch.allclose(mine[mask], whole[mask], rtol=1e-5, atol=1e-4)
-        assert torch.allclose(tail, whole[data.rows, data.cols], rtol=1e-5, atol=1e-4)  # predicted from the position before
+        # predicted from the position before
+        assert torch.allclose(tail, whole[data.rows, data.cols], rtol=1e-5, atol=1e-4)
 
 
 def test_each_loss_term_against_a_hand_computation(gpt2_tokenizer):
@@ -131,7 +132,8 @@ def test_each_loss_term_against_a_hand_computation(gpt2_tokenizer):
     top = kn.TopBlocks(model, first, path)
     for data in (target, control):
         data.h0 = top.inputs(data.input_ids, data.attention_mask)
-    lm = torch.tensor(gpt2_tokenizer(" The cat sat on the mat and looked at the quiet street below.")["input_ids"])[None]
+    text = " The cat sat on the mat and looked at the quiet street below."
+    lm = torch.tensor(gpt2_tokenizer(text)["input_ids"])[None]
     lm_h0 = top.inputs(lm, torch.ones_like(lm))
     control.full_hidden = kn.final_hidden(top, control.input_ids, control.attention_mask, control.h0, batch_size=2)
     lm_full_hidden = kn.final_hidden(top, lm, torch.ones_like(lm), lm_h0, batch_size=2)

@@ -77,7 +77,8 @@ def test_conllu_real_treebank_first_sentence():
     ("1\tA\ta\tX\tX\t_\t0\troot\t_\n", "10 tab-separated columns"),
     ("1\tA\ta\tX\tX\t_\tzero\troot\t_\t_\n", "must be integers"),
     ("1\tA\ta\tX\tX\t_\t0\troot\t_\t_\n2\tB\tb\tX\tX\t_\t0\troot\t_\t_\n", "exactly one root"),
-    ("1\tA\ta\tX\tX\t_\t2\tx\t_\t_\n2\tB\tb\tX\tX\t_\t1\tx\t_\t_\n3\tC\tc\tX\tX\t_\t0\troot\t_\t_\n", "cycle through word 1"),
+    ("1\tA\ta\tX\tX\t_\t2\tx\t_\t_\n2\tB\tb\tX\tX\t_\t1\tx\t_\t_\n"
+     "3\tC\tc\tX\tX\t_\t0\troot\t_\t_\n", "cycle through word 1"),
     ("1\tA\ta\tX\tX\t_\t0\troot\t_\t_\n2\tB\tb\tX\tX\t_\t9\tx\t_\t_\n", "heads must be word indices"),
     ("1\tA\ta\tX\tX\t_\t0\troot\t_\t_\n3\tB\tb\tX\tX\t_\t1\tx\t_\t_\n", "expected 2, got 3"),
 ])

@@ -82,7 +82,8 @@ class DisentangleConfig(RunConfig):
         "Lee sentence polarity x the aspect a sentence talks about (acting / story, keyword lexicon), an offline "
         "stand-in for the paper's setting 1, sentiment x genre of movie reviews (no genre-labelled review set is "
         "packaged or downloaded)"))
-    data_limit: Optional[int] = field(default=None, metadata=help_metadata("read only the first N raw examples (tests)"))
+    data_limit: Optional[int] = field(default=None, metadata=help_metadata(
+        "read only the first N raw examples (tests)"))
     dialect_confidence: float = field(default=0.6, metadata=help_metadata(
         "AAE share of the AAE+White proportions needed for an AAE (or 1 - it for a White-aligned) label"))
     train_size: Optional[int] = field(default=None, metadata=help_metadata(
@@ -128,7 +129,8 @@ class DisentangleConfig(RunConfig):
     finetune_steps: int = field(default=100, metadata=help_metadata(
         "steps of the fine-tuned baseline (the masked blocks' weights trained per factor; 0: no such baseline)"))
     finetune_lr: float = field(default=1e-4, metadata=help_metadata("Adam learning rate of the fine-tuned baseline"))
-    adv_lambda: float = field(default=1.0, metadata=help_metadata("gradient-reversal strength of the adversarial baseline"))
+    adv_lambda: float = field(default=1.0, metadata=help_metadata(
+        "gradient-reversal strength of the adversarial baseline"))
     probe_l2: float = field(default=1e-3, metadata=help_metadata("L2 penalty of the logistic-regression probes"))
     eval_batch: int = field(default=64, metadata=help_metadata("texts per forward when extracting features"))
     backend: Literal["auto", "reference", "cpu", "cuda", "triton"] = field(default="auto", metadata=help_metadata(
@@ -914,7 +916,8 @@ Each mask should predict its own factor well and the other near chance.
 `unmasked`: the original encoder; `adversarial_k`: gradient-reversal removal of the other factors over the frozen
 unmasked features, trained for factor k on the training split; `finetuned_k`: {blocks} fine-tuned for factor k
 ({config.finetune_steps} steps, cross-entropy only). Disentanglement (mean over masks of own - best other
-accuracy): **{metrics['disentanglement']:.3f}**. Mask sparsity (closed eval gates, as a fraction of the masked layers' weights): {', '.join(f'{s:.3f}' for s in metrics['mask_sparsity'])}.
+accuracy): **{metrics['disentanglement']:.3f}**. Mask sparsity (closed eval gates, as a fraction of the masked
+layers' weights): {', '.join(f'{s:.3f}' for s in metrics['mask_sparsity'])}.
 
 ![leakage](leakage.png)
 

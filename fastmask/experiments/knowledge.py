@@ -66,7 +66,8 @@ class KnowledgeConfig(RunConfig):
     targetkg_size: Optional[int] = field(default=20, metadata=help_metadata(
         "wordnet TargetKG: triplets sampled from the synset's graph (none: all)"))
     targetkg_depth: int = field(default=2, metadata=help_metadata("wordnet TargetKG: depth of the hyponym tree"))
-    targetkg_ancestors: int = field(default=2, metadata=help_metadata("wordnet TargetKG: hypernym edges above the synset"))
+    targetkg_ancestors: int = field(default=2, metadata=help_metadata(
+        "wordnet TargetKG: hypernym edges above the synset"))
     controlkg_source: Literal["auto", "wordnet", "paper"] = field(default="auto", metadata=help_metadata(
         "training ControlKG: wordnet (sampled from WordNet 3.0) or paper (the released validation set minus the "
         "evaluation part; the paper's training set was not released); auto: wordnet when reachable"))
@@ -85,9 +86,12 @@ class KnowledgeConfig(RunConfig):
     lm_eval_blocks: int = field(default=16, metadata=help_metadata("held-out WikiText-2 blocks for LM perplexity"))
     lm_batch: int = field(default=2, metadata=help_metadata("WikiText-2 blocks per step"))
     controlkg_batch: int = field(default=16, metadata=help_metadata("ControlKG sentences per step"))
-    targetkg_batch: Optional[int] = field(default=None, metadata=help_metadata("TargetKG sentences per step (none: all)"))
-    top_k_layers: int = field(default=6, metadata=help_metadata("mask the attention+MLP projections of the top k blocks"))
-    estimator: Literal["gumbel_sigmoid_st", "hard_concrete"] = field(default="gumbel_sigmoid_st", metadata=help_metadata(
+    targetkg_batch: Optional[int] = field(default=None, metadata=help_metadata(
+        "TargetKG sentences per step (none: all)"))
+    top_k_layers: int = field(default=6, metadata=help_metadata(
+        "mask the attention+MLP projections of the top k blocks"))
+    estimator: Literal["gumbel_sigmoid_st", "hard_concrete"] = field(
+        default="gumbel_sigmoid_st", metadata=help_metadata(
         "mask estimator"))
     granularity: Literal["weight", "unit_in", "unit_out", "block"] = field(default="weight", metadata=help_metadata(
         "one gate per weight (the paper), per unit, or per block"))
@@ -97,13 +101,17 @@ class KnowledgeConfig(RunConfig):
         "with 40,000 steps; with a few hundred steps that start leaves the logits random-walking around the "
         "threshold (see the README), so the CPU-budget default starts at 0.05"))
     lr: float = field(default=0.2, metadata=help_metadata("Adam learning rate of the mask logits"))
-    warmup_frac: float = field(default=0.1, metadata=help_metadata("linear learning-rate warm-up, fraction of the steps"))
+    warmup_frac: float = field(default=0.1, metadata=help_metadata(
+        "linear learning-rate warm-up, fraction of the steps"))
     lambda_target: float = field(default=1.5, metadata=help_metadata("weight of the TargetKG suppression KL"))
     lambda_control: float = field(default=1.0, metadata=help_metadata("weight of the ControlKG maintenance KL"))
     lambda_lm: float = field(default=1.0, metadata=help_metadata("weight of the LM maintenance KL"))
-    lambda_reg_init: float = field(default=2.0, metadata=help_metadata("sparsity weight for the first half of the steps"))
-    lambda_reg_final: float = field(default=3.0, metadata=help_metadata("sparsity weight reached linearly at the last step"))
-    eval_every: int = field(default=0, metadata=help_metadata("steps between TargetKG/ControlKG evaluations (0: at the end)"))
+    lambda_reg_init: float = field(default=2.0, metadata=help_metadata(
+        "sparsity weight for the first half of the steps"))
+    lambda_reg_final: float = field(default=3.0, metadata=help_metadata(
+        "sparsity weight reached linearly at the last step"))
+    eval_every: int = field(default=0, metadata=help_metadata(
+        "steps between TargetKG/ControlKG evaluations (0: at the end)"))
     eval_batch: int = field(default=32, metadata=help_metadata("sentences / blocks per evaluation batch"))
 
     def validate(self) -> "KnowledgeConfig":
@@ -951,6 +959,12 @@ def report_markdown(config: KnowledgeConfig, metrics: dict, prepared: Prepared) 
     first, last = metrics["masked_blocks"]
     examples = "\n".join(f"  - `{e.triplet.head} IsA {e.triplet.tail}`: \"{e.sentence.strip()}\""
                          for e in prepared.target[:8])
+    ppl_table = markdown_table(["set", "PPL full", "PPL remaining", "PPL random removed", "ratio remaining/full",
+                                "ratio random/full"], rows)
+    rank_table = markdown_table(["set", "rank full", "rank remaining", "rank random", "delta log-prob",
+                                 "delta log-prob random"], ranks)
+    scored_tokens = ("The released code scores only the last tail token; here every token of the tail word is scored."
+                     if config.tail_tokens == "all" else "Only the last tail token is scored, as in the released code.")
     return f"""# Knowledge-critical subnetwork: {metrics['target']} in {metrics['model']}
 
 Reimplementation of Bayazit et al., "Discovering Knowledge-Critical Subnetworks in Pretrained Language Models"
@@ -964,12 +978,12 @@ Removing the subnetwork ({sp['kept_weights']:,} of {sp['total_weights']:,} maske
 of the masked weights are not in it**) changes the perplexity of the tail tokens as follows. "random" removes a random
 subnetwork with the same number of weights in every layer.
 
-{markdown_table(["set", "PPL full", "PPL remaining", "PPL random removed", "ratio remaining/full", "ratio random/full"], rows)}
+{ppl_table}
 
 Gold tail token (first token of the tail word): mean rank among the vocabulary (1 = top) and the mean change of the
 tail's log-probability (remaining - full, nats):
 
-{markdown_table(["set", "rank full", "rank remaining", "rank random", "delta log-prob", "delta log-prob random"], ranks)}
+{rank_table}
 
 Sparsity (fraction of masked weights NOT in the subnetwork): overall {sp['overall']:.4f}; attention
 {sp['attention_vs_mlp'].get('attention', float('nan')):.4f}, MLP {sp['attention_vs_mlp'].get('mlp', float('nan')):.4f};
@@ -989,18 +1003,19 @@ per block: {', '.join(f"{b}: {v:.4f}" for b, v in sp['per_block'].items())}.
 
 ## Method
 
-Mask {config.estimator} (temperature {config.temperature}, eval gate sigmoid(l) > 0.5), granularity {config.granularity},
-logits initialised to logit({config.init_keep}); weights frozen, dropout off. Loss on the remaining model:
+Mask {config.estimator} (temperature {config.temperature}, eval gate sigmoid(l) > 0.5), granularity
+{config.granularity}, logits initialised to logit({config.init_keep}); weights frozen, dropout off. Loss on the
+remaining model:
 {config.lambda_target} KL(uniform || p) at the TargetKG tail tokens + {config.lambda_control} KL(p_full || p) at
 the ControlKG tail tokens + {config.lambda_lm} KL(p_full || p) at every WikiText-2 position + lambda(t) mean
 sigmoid(l), lambda = {config.lambda_reg_init} for the first half of the steps then linear to {config.lambda_reg_final}.
 Adam, lr {config.lr} with {config.warmup_frac:.0%} linear warm-up, {config.steps} steps; per step
-{config.targetkg_batch or "all"} TargetKG sentences, {config.controlkg_batch} ControlKG sentences and {config.lm_batch} LM blocks,
-one mask sample shared by the three terms; seed {config.seed}.
+{config.targetkg_batch or "all"} TargetKG sentences, {config.controlkg_batch} ControlKG sentences and
+{config.lm_batch} LM blocks, one mask sample shared by the three terms; seed {config.seed}.
 
 Deviation from the released code: it reads the KL terms at the tail token's own position (the distribution of the
 token after the tail); here each tail token is predicted from the position before it, as a causal LM predicts it.
-{"The released code scores only the last tail token; here every token of the tail word is scored." if config.tail_tokens == "all" else "Only the last tail token is scored, as in the released code."}
+{scored_tokens}
 The paper trains for 40,000 steps with batches of 250 sentences from logits at logit(0.45); this run's budget is
 {config.steps} steps from logit({config.init_keep}) (at a few hundred steps, logit(0.45) leaves the per-weight logits
 random-walking around the threshold: a third of the weights end up in the "subnetwork").
@@ -1012,8 +1027,10 @@ fastmask run knowledge --config {Path(config.out) / 'config.json'} --out NEW_FOL
 ```
 
 Backend `{metrics['backend']}` on {timing['device']} ({timing['machine']}, {timing['torch_threads']} threads); setup
-{timing['setup_seconds']:.0f} s, training {timing['train_seconds']:.0f} s ({timing['train_steps_this_process']} steps in this
-process), evaluation {timing['eval_seconds']:.0f} s. Files: `metrics.json`, `history.csv`, `masks/` (fastmask.load_masks),
+{timing['setup_seconds']:.0f} s, training {timing['train_seconds']:.0f} s
+({timing['train_steps_this_process']} steps in this process), evaluation {timing['eval_seconds']:.0f} s. Files:
+`metrics.json`,
+`history.csv`, `masks/` (fastmask.load_masks),
 `data.json` (the exact sentences), `config.json`.
 """
 
@@ -1029,6 +1046,7 @@ def run_from_args(args) -> int:
     return run_cli(KnowledgeConfig, run_experiment, args, EXPERIMENT, run_errors=(DataError,))
 
 
-__all__ = ["KnowledgeConfig", "reg_lambda", "lr_factor", "kl_uniform_to", "kl_full_to", "loss_terms", "TopBlocks", "Encoded",
+__all__ = ["KnowledgeConfig", "reg_lambda", "lr_factor", "kl_uniform_to", "kl_full_to", "loss_terms", "TopBlocks",
+           "Encoded",
            "encode", "tail_positions", "sentence_nll", "choose_templates", "evaluate", "summarize",
            "sparsity_report", "random_subnetwork", "run_experiment", "add_arguments", "run_from_args"]

@@ -38,8 +38,8 @@ masks and history equal those of an uninterrupted run. The experiment's step mus
 randomness from torch/numpy/random or from ``BatchStream`` / ``fastmask.set_step(model, step)``, and keep wall-clock
 times out of the history (put them in metrics.json).
 
-Results (``<out>/``): config.json (loadable with ``--config``), history.csv (one row per step), metrics.json, masks/ (fastmask.save_masks),
-*.png plots, report.md.
+Results (``<out>/``): config.json (loadable with ``--config``), history.csv (one row per step), metrics.json,
+masks/ (fastmask.save_masks), *.png plots, report.md.
 """
 
 from __future__ import annotations
@@ -730,8 +730,8 @@ class Run:
                                          or (self.dir / "metrics.json").exists())
         if holds_run and not resume:
             if not overwrite:
-                raise ConfigError(f"out: {self.dir} already holds a run (checkpoints or results); pass --resume to continue "
-                                  f"it, --overwrite to replace it, or another --out")
+                raise ConfigError(f"out: {self.dir} already holds a run (checkpoints or results); pass --resume to "
+                                  f"continue it, --overwrite to replace it, or another --out")
             for name in ("checkpoints", "masks"):
                 shutil.rmtree(self.dir / name, ignore_errors=True)
             for path in self.dir.glob("*"):

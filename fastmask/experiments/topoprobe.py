@@ -12,11 +12,11 @@ probes (Hewitt & Manning 2019) it builds on.
 * Padding: by default only word pieces enter every loss; ``--include-padding`` replays the released code, whose
   MSE runs over the padded batch ([CLS], [SEP] and padding included; target 2.0 for X_sp). The paper's figures were
   made that way (see fastmask.probing.probes).
-* Fine-tuning on CoLA: cross-entropy (``--class-weighted``: weighted by class) + ``probe_weight`` x the pseudo-label loss of a depth probe at layer L
-  (initialised from that layer's X_ssp probe, trained jointly, acceptable sentences only; the released code's
-  weight is 10), for each layer of the sweep and each seed, against plain fine-tuning with the same seeds. The
-  in-domain dev set gives the corpus-level Matthews correlation and the mean of per-batch (32) MCCs that the
-  released code reports.
+* Fine-tuning on CoLA: cross-entropy (``--class-weighted``: weighted by class) + ``probe_weight`` x the pseudo-label
+  loss of a depth probe at layer L (initialised from that layer's X_ssp probe, trained jointly, acceptable sentences
+  only; the released code's weight is 10), for each layer of the sweep and each seed, against plain fine-tuning with
+  the same seeds. The in-domain dev set gives the corpus-level Matthews correlation and the mean of per-batch (32)
+  MCCs that the released code reports.
 * ``--masks PATH``: the same probes on the subnetwork of fastmask masks (``fm.load_masks`` patches the model with
   the saved MaskConfig; eval-mode gates), beside the full model.
 
@@ -51,13 +51,14 @@ class TopoprobeConfig(RunConfig):
     """Defaults: a CPU-sized budget on the packaged all-MiniLM-L6-v2; --full: the paper's setting."""
 
     steps: int = field(default=40, metadata=help_metadata(
-        "fine-tuning optimisation steps per run: with 40 the default 8 runs took 7.5 min on 1 thread of a shared 2-core "
-        "CPU (about 1.2 s a step of 32); full: 3 CoLA epochs"))
+        "fine-tuning optimisation steps per run: with 40 the default 8 runs took 7.5 min on 1 thread of a shared "
+        "2-core CPU (about 1.2 s a step of 32); full: 3 CoLA epochs"))
     model: str = field(default="all-minilm-l6-v2", metadata=help_metadata(
         "HF encoder: a fastmask asset name (all-minilm-l6-v2), a local folder or a hub id (bert-large-uncased)"))
     masks: Optional[str] = field(default=None, metadata=help_metadata(
         "fastmask masks (fm.save_masks folder) of this model: probe the subnetwork too"))
-    layers: Optional[list[int]] = field(default=None, metadata=help_metadata("layers to probe (none: all, 0 = embeddings)"))
+    layers: Optional[list[int]] = field(default=None, metadata=help_metadata(
+        "layers to probe (none: all, 0 = embeddings)"))
     val_split: Literal["dev", "test"] = field(default="dev", metadata=help_metadata(
         "treebank split the probes are validated on (full: test, as the released code)"))
     probe_train_sentences: int = field(default=1000, metadata=help_metadata("treebank training sentences (0: all)"))
@@ -67,7 +68,8 @@ class TopoprobeConfig(RunConfig):
         "(part of the released code's mixture)"))
     probe_rank: Optional[int] = field(default=None, metadata=help_metadata("probe rank (none: hidden size / 2)"))
     probe_epochs: int = field(default=10, metadata=help_metadata("probe training epochs (full: 30)"))
-    probe_lr: float = field(default=1e-3, metadata=help_metadata("Adam learning rate of the probes (linear decay to 0)"))
+    probe_lr: float = field(default=1e-3, metadata=help_metadata(
+        "Adam learning rate of the probes (linear decay to 0)"))
     batch_size: int = field(default=32, metadata=help_metadata("sentences per batch (features, probes, fine-tuning)"))
     include_padding: bool = field(default=False, metadata=help_metadata(
         "the released code's behaviour: [CLS], [SEP] and padding enter the probe losses"))
@@ -611,8 +613,9 @@ def report_markdown(config: TopoprobeConfig, effective: TopoprobeConfig, metrics
     summary = metrics["finetuning"]["summary"]
     if summary:
         lines += ["## Probe-regularised fine-tuning on CoLA (in-domain dev, 527 sentences)", "",
-                  f"{'Class-weighted CE' if effective.class_weighted else 'CE'} + {effective.probe_weight} x tree-topological probe loss at the layer (acceptable sentences "
-                  f"only; probe initialised from that layer's X_ssp probe), {effective.steps} AdamW steps of "
+                  f"{'Class-weighted CE' if effective.class_weighted else 'CE'} + {effective.probe_weight} x "
+                  f"tree-topological probe loss at the layer (acceptable sentences only; probe initialised from that "
+                  f"layer's X_ssp probe), {effective.steps} AdamW steps of "
                   f"{effective.batch_size} at lr {effective.finetune_lr} (word embeddings "
                   f"{'frozen' if effective.freeze_word_embeddings else 'trained'}) on "
                   f"{effective.finetune_train_sentences or 'all'} training sentences; seeds "
