@@ -6,7 +6,7 @@
     print(fm.info())
 """
 
-from . import distributed, ops, ref  # noqa: E402
+from . import ops, ref  # noqa: E402
 from ._version import __version__  # noqa: F401
 from ._info import info  # noqa: E402
 from .config import MaskConfig  # noqa: E402
@@ -21,3 +21,12 @@ __all__ = ["ops", "ref", "distributed", "info", "set_deterministic", "is_determi
            "mask_parameters", "masked_modules", "l0_penalty", "sparsity", "inverse", "bypass", "set_step",
            "save_masks", "load_masks", "merge", "unapply", "export_pruned", "MaskedLinear", "mask_index",
            "set_mask_index"]
+
+
+def __getattr__(name: str):
+    # fastmask.distributed imports torch.distributed.checkpoint and FSDP (about 0.5 s): loaded on first use only.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,8 +28,6 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
 from ._version import __version__
 from .assets import atomic_write_bytes
@@ -66,7 +65,10 @@ def _parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a parameter that FSDP2 shards (a DTensor: all-gathered, so every rank must call this in
     the same order); any other tensor as it is."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    # A DTensor exists only once torch.distributed.tensor was imported: looked up there, not imported here (it
+    # would add about half a second to `import fastmask`).
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
 
 
 def weights_sha256(model: nn.Module, names) -> str:
@@ -87,8 +89,9 @@ def weights_sha256(model: nn.Module, names) -> str:
 def architecture_name(model: nn.Module) -> str:
     """The model's class name; for a module FSDP2 sharded, the class it was (fully_shard swaps in FSDP<Name>)."""
     cls = type(model)
-    if isinstance(model, FSDPModule):
-        cls = next(base for base in cls.__mro__[1:] if not issubclass(base, FSDPModule))
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # an FSDPModule exists only once it was imported (as above)
+    if fsdp is not None and isinstance(model, fsdp.FSDPModule):
+        cls = next(base for base in cls.__mro__[1:] if not issubclass(base, fsdp.FSDPModule))
     return cls.__name__
 
 

@@ -61,9 +61,14 @@ def test_gated_units_matches_oracle(device, backend, lead, features, group, dtyp
     for name, out, want, base in zip(("y", "grad_x", "grad_logits", "grad_bias"), got, oracle, baseline):
         assert out.dtype == base.dtype, f"{name}: dtype {out.dtype} != {base.dtype}"
         assert_within_pytorch_error(out, want, base, name)
-    # The reference formula of ref.py is the same function.
+    # The reference formulas of ref.py, forward and backward, are the same functions.
     want_y = ref.gated_units_ref(x, logits, group, bias, **kw)
     torch.testing.assert_close(got[0], want_y, rtol=0, atol=0 if backend == "reference" else 1e-6)
+    want_gx, want_gl, want_gb = ref.gated_units_backward_ref(grad_out, x, logits, group, has_bias=True, **kw)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got[1], want_gx, **tol)
+    torch.testing.assert_close(got[2], want_gl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[3], want_gb.to(got[3].dtype), **tol)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())

@@ -721,8 +721,8 @@ class Run:
         self.main_process = main_process
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.experiment = experiment or type(config).__name__
+        self.threads, self.threads_reason = choose_threads(config.threads, resolve_device(config.device))
         if not main_process:
-            self.threads, self.threads_reason = choose_threads(config.threads, resolve_device(config.device))
             return
         stored = self.dir / "config.json"
         # A folder with a config but no checkpoint and no results is a run that failed while setting up: reusable.
@@ -738,7 +738,6 @@ class Run:
                 if path.is_file():
                     path.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.threads, self.threads_reason = choose_threads(config.threads, resolve_device(config.device))
         # The plain config mapping: `--config <out>/config.json` reproduces the run.
         atomic_write_text(stored, json.dumps(config_to_dict(config), indent=2) + "\n")
 
