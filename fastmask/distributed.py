@@ -120,6 +120,24 @@ def shard(model: nn.Module, mesh=None, reshard_after_forward: bool = True) -> nn
     return model
 
 
+def shard_masked_blocks(model: nn.Module, root: nn.Module, mesh=None) -> list[nn.Module]:
+    """FSDP2 for a training step that drives the transformer blocks itself (the experiments start their forward at
+    the first masked block and never call ``model``): ``fully_shard`` on every block that holds a masked layer,
+    then on ``root``, the module whose forward is one step, with every parameter outside those blocks ignored.
+    The frozen rest of the model stays whole and plain on every rank (evaluation and the cached block inputs use it
+    outside the step), and ``root`` makes the blocks non-root FSDP modules, which FSDP2 reshards right after their
+    forward (a root keeps its parameters gathered until the backward). Returns the sharded blocks."""
+    blocks = [block for block in transformer_blocks(model) if masked_layers(block)]
+    if not blocks:
+        raise ValueError("fastmask.distributed.shard_masked_blocks: no transformer block of the model holds a masked "
+                         "layer (call fm.apply first)")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    fully_shard(root, mesh=mesh, ignored_params={p for p in root.parameters() if id(p) not in in_blocks})
+    return blocks
+
+
 def replicate(model: nn.Module, **ddp_kwargs) -> DistributedDataParallel:
     """DDP: every rank keeps the whole model; the gradients of the trainable parameters (the logits) are
     all-reduced. ``model.module`` is the masked model (for fm.save_masks, fm.sparsity, ...)."""

@@ -38,7 +38,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import functools
 import math
+import operator
 import re
 from typing import Iterator, Optional, Union
 
@@ -48,6 +50,7 @@ from torch import nn
 from .config import MaskConfig
 from .nn.masked_linear import MaskedLinear, _is_conv1d, mask_index, masked_layers, set_mask_index, set_step
 from .ops import l0_norm
+from .ops._common import is_dtensor
 
 # Per architecture family: (regex over the qualified module name, role). Roles: attn_q / attn_k / attn_v (output
 # units grouped per head), attn_qkv (GPT-2's fused q|k|v), attn_out (input units grouped per head), mlp_in,
@@ -288,7 +291,13 @@ def l0_penalty(model: nn.Module, *, weighted: bool = True, normalize: bool = Fal
     ``mask=k``.
     """
     layers = _require_masked(model, "l0_penalty").values()
-    total = sum(_layer_l0(layer, weighted, mask) for layer in layers)
+    terms = [_layer_l0(layer, weighted, mask) for layer in layers]
+    # Logits that FSDP2 shards give this rank's part of their sum (a Partial DTensor): the parts of all layers are
+    # added first, then made whole by one all-reduce, not one per layer.
+    sharded = [t for t in terms if is_dtensor(t)]
+    total = sum((t for t in terms if not is_dtensor(t)), torch.zeros((), device=terms[0].device))
+    if sharded:
+        total = total + functools.reduce(operator.add, sharded).full_tensor()
     if normalize:
         count = sum((layer.weight.numel() if weighted else math.prod(layer.grid_shape))
                     * _masks_counted(layer, mask) for layer in layers)

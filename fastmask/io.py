@@ -34,6 +34,7 @@ from .assets import atomic_write_bytes
 from .config import MaskConfig
 from .hf import apply, head_dim, layer_role, model_family
 from .nn.masked_linear import MaskedLinear, _is_conv1d, masked_layers
+from .ops._common import is_dtensor
 
 FORMAT = "fastmask.masks"
 FORMAT_VERSION = 1
@@ -65,10 +66,7 @@ def _parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a parameter that FSDP2 shards (a DTensor: all-gathered, so every rank must call this in
     the same order); any other tensor as it is."""
-    # A DTensor exists only once torch.distributed.tensor was imported: looked up there, not imported here (it
-    # would add about half a second to `import fastmask`).
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def weights_sha256(model: nn.Module, names) -> str:
@@ -89,7 +87,7 @@ def weights_sha256(model: nn.Module, names) -> str:
 def architecture_name(model: nn.Module) -> str:
     """The model's class name; for a module FSDP2 sharded, the class it was (fully_shard swaps in FSDP<Name>)."""
     cls = type(model)
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # an FSDPModule exists only once it was imported (as above)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # an FSDPModule exists only once this was imported
     if fsdp is not None and isinstance(model, fsdp.FSDPModule):
         cls = next(base for base in cls.__mro__[1:] if not issubclass(base, fsdp.FSDPModule))
     return cls.__name__

@@ -25,6 +25,7 @@ import fastmask as fm
 import fastmask.distributed as fmd
 
 STEPS, GLOBAL_BATCH, SEQ, VOCAB = 3, 4, 8, 64
+PENALTY = 0.5  # weight of the expected density in the loss
 
 
 def tiny_model(family: str) -> torch.nn.Module:
@@ -45,6 +46,9 @@ SCENARIOS = {  # name: (family, mask config, wrapping)
     "gpt2_head_fsdp": ("gpt2", dict(granularity="head", init_keep=0.8), "fsdp"),
     "llama_weight_fsdp": ("llama", dict(granularity="weight", init_keep=0.8), "fsdp"),
     "llama_head_fsdp": ("llama", dict(granularity="head", init_keep=0.8), "fsdp"),
+    # FSDP2 on the masked blocks only, under a step module (the experiments' layout: fmd.shard_masked_blocks)
+    "gpt2_weight_fsdp_blocks": ("gpt2", dict(granularity="weight", init_keep=0.8, targets=[r"\.1\."]),
+                                "fsdp_blocks"),
     "gpt2_weight_ddp": ("gpt2", dict(granularity="weight", init_keep=0.8), "ddp"),
     "llama_head_ddp": ("llama", dict(granularity="head", init_keep=0.8), "ddp"),
 }
@@ -59,6 +63,23 @@ def batch() -> torch.Tensor:
     return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
 
 
+class Step(torch.nn.Module):
+    """One training step's loss as a module: the LM loss of the rows plus the sparsity penalty (outside any block's
+    forward, so FSDP2 hands it the sharded logits)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, labels=ids).loss + PENALTY * fm.l0_penalty(_unwrapped(self.model),
+                                                                                    normalize=True)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def train(scenario: str, out: Path, distributed: bool, die_at_step: int = -1, stop_at: int = STEPS,
           resume: bool = False, checkpoint_every: int = 0) -> None:
     """Train, save the masks; ``stop_at`` < STEPS: write a checkpoint (out/<scenario>.ckpt) after that many steps
@@ -67,14 +88,21 @@ def train(scenario: str, out: Path, distributed: bool, die_at_step: int = -1, st
     model = masked_model(scenario)
     wrapping = SCENARIOS[scenario][2]
     rank, world = fmd.rank(), fmd.world_size()
-    if distributed:
-        model = fmd.shard(model) if wrapping == "fsdp" else fmd.replicate(model)
+    step_loss = Step(model)
+    if distributed and wrapping == "fsdp":
+        fmd.shard(model)
+    elif distributed and wrapping == "fsdp_blocks":
+        fmd.shard_masked_blocks(model, root=step_loss)
+    elif distributed:
+        model = fmd.replicate(model)
+        step_loss = Step(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     ids = batch()
     share = GLOBAL_BATCH // world
     mine = ids[rank * share:(rank + 1) * share]
     checkpoint = out / f"{scenario}.ckpt"
     start = fmd.load_checkpoint(checkpoint, model, opt)["step"] if resume else 0
+    gate_sums, sharded_between_steps = [], []
     for step in range(start, STEPS):
         if step == stop_at or (checkpoint_every and step > start and step % checkpoint_every == 0):
             fmd.save_checkpoint(checkpoint, model, opt, step=step)
@@ -83,8 +111,12 @@ def train(scenario: str, out: Path, distributed: bool, die_at_step: int = -1, st
         if step == die_at_step and rank == world - 1:
             os._exit(3)  # a rank that dies mid-run, without a word to the others
         opt.zero_grad()
-        model(input_ids=mine, labels=mine).loss.backward()  # mean over my rows: the average is the global mean
+        step_loss(mine).backward()  # mean over my rows: the average is the global mean
         opt.step()
+        # eval gates of sharded logits: each rank sums its shard's, one sum over the ranks
+        layers = fm.masked_modules(_unwrapped(model)).values()
+        gate_sums.append(float(sum(fm.io.full_tensor(layer.gates().sum(dtype=torch.float64)) for layer in layers)))
+        sharded_between_steps.append(all(fm.ops._common.is_dtensor(layer.logits) for layer in layers))
     path = out / f"{scenario}.safetensors"
     if distributed:
         fmd.save_masks(model, path)
@@ -94,7 +126,9 @@ def train(scenario: str, out: Path, distributed: bool, die_at_step: int = -1, st
     with torch.no_grad():
         outputs = model(input_ids=ids).logits
     if rank == 0:
-        save_file({"logits": outputs.contiguous()}, str(out / f"{scenario}.eval.safetensors"))
+        save_file({"logits": outputs.contiguous(), "gate_sums": torch.tensor(gate_sums, dtype=torch.float64),
+                   "sharded_between_steps": torch.tensor(sharded_between_steps)},
+                  str(out / f"{scenario}.eval.safetensors"))
     if rank == 0:
         (out / f"{scenario}.done").write_text("ok\n")
 

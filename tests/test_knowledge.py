@@ -355,56 +355,71 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_gpt2_dir, capsys):
                                             "--targetkg-source", "wordnet", "--out", str(tmp_path / "d")]))
 
 
-@pytest.fixture(scope="module")
-def torchrun_run(tmp_path_factory, tiny_gpt2_dir):
-    """The same run as ``cli_run`` under `torchrun --nproc-per-node 2 -m fastmask run knowledge` (gloo, CPU)."""
+def _torchrun_knowledge(model_dir, out, *extra) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m fastmask run knowledge` (gloo, CPU) on the tiny run."""
     import os
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path_factory.mktemp("torchrun") / "run"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                             "127.0.0.1", "--master-port", str(port), "-m", "fastmask", "run", "knowledge", "--model",
-                             str(tiny_gpt2_dir), "--out", str(out), *TINY_RUN], capture_output=True, text=True,
-                            timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return out, result
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(port), "-m", "fastmask", "run", "knowledge", "--model",
+                           str(model_dir), "--out", str(out), *TINY_RUN, *extra], capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="module", params=["fsdp", "ddp"])
+def torchrun_run(request, tmp_path_factory, tiny_gpt2_dir):
+    """(folder, result, mode): the same run as ``cli_run`` under torchrun with 2 processes, the masked blocks
+    sharded by FSDP2 (the default) or replicated by DDP."""
+    out = tmp_path_factory.mktemp(f"torchrun-{request.param}") / "run"
+    return out, _torchrun_knowledge(tiny_gpt2_dir, out, "--data-parallel", request.param), request.param
 
 
 def test_data_parallel_run_under_torchrun_follows_the_one_process_run(cli_run, torchrun_run):
-    """Two processes, each on its share of every batch (DDP averaging the logits' gradients, the KL terms weighted
-    by rows so that the average is the global mean): the losses of every step equal the one-process run's to float
-    rounding, and the trained logits to 1e-3 (Adam at lr 0.5 turns gradient rounding into logit differences;
-    measured 1.4e-4 of logits up to 5.9 in size); one results folder with the report, written by rank 0."""
-    (one, _), (two, result) = cli_run, torchrun_run
+    """Two processes, each on its share of every batch (FSDP2 or DDP averaging the logits' gradients, the KL terms
+    weighted by rows so that the average is the global mean): the losses of every step equal the one-process run's
+    to float rounding, and the trained logits to 1e-3 (Adam at lr 0.5 turns gradient rounding into logit
+    differences; measured 1.4e-4 of logits up to 5.9 in size); one results folder with the report, written by rank
+    0; FSDP2 checkpoints hold the logits and Adam's state as DCP shards."""
+    (one, _), (two, result, mode) = cli_run, torchrun_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data parallel over 2 processes" in result.stderr
     assert result.stderr.count("fastmask: report:") == 1
     for name in ("report.md", "metrics.json", "history.csv", "masks/masks.safetensors"):
         assert (two / name).is_file(), name
     for a, b in zip(runner.read_history(one / "history.csv"), runner.read_history(two / "history.csv"), strict=True):
-        for key in ("loss", "target_kl_uniform", "control_kl", "lm_kl", "density"):
+        for key in ("loss", "target_kl_uniform", "control_kl", "lm_kl", "density", "sparsity"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
     want, got = (load_file(str(folder / "masks/masks.safetensors")) for folder in (one, two))
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-3, rtol=0, msg=name)
+    latest = runner.checkpoint_folders(two / "checkpoints")[0]
+    meta = json.loads((latest / "state.json").read_text())
+    assert meta["sharded_state"] == ("sharded" if mode == "fsdp" else None)
+    assert (latest / "sharded").is_dir() == (mode == "fsdp") and bool(meta["params"]) == (mode == "ddp")
+
+
+def _resumable_copy(folder, to):
+    """A copy of a finished run's folder as a run killed after its step-4 checkpoint leaves it."""
+    import shutil
+
+    shutil.copytree(folder, to)
+    latest = runner.checkpoint_folders(to / "checkpoints")
+    assert [folder.name for folder in latest[:2]] == ["step-00000006", "step-00000004"]
+    shutil.rmtree(latest[0])
+    (to / "metrics.json").unlink()
+    return to
 
 
 def test_a_data_parallel_run_resumes_in_one_process(torchrun_run, tmp_path, tiny_gpt2_dir):
-    """The state is replicated, so rank 0's checkpoint is the one-process format: a 2-process run's checkpoint of
-    step 4 resumes in one process and ends with the 2-process run's masks (to the data-parallel tolerance)."""
-    two, result = torchrun_run
+    """A 2-process run's checkpoint of step 4 (DCP shards for FSDP2, resharded on load; rank 0's replica for DDP)
+    resumes in one process and ends with the 2-process run's masks (to the data-parallel tolerance)."""
+    two, result, _ = torchrun_run
     assert result.returncode == 0, result.stderr[-3000:]
-    import shutil
-
-    resumed = tmp_path / "resumed"
-    shutil.copytree(two, resumed)
-    latest = runner.checkpoint_folders(resumed / "checkpoints")
-    assert [folder.name for folder in latest[:2]] == ["step-00000006", "step-00000004"]
-    shutil.rmtree(latest[0])
-    (resumed / "metrics.json").unlink()
+    resumed = _resumable_copy(two, tmp_path / "resumed")
     config = runner.config_from_args(kn.KnowledgeConfig, _parser().parse_args(
         ["--model", str(tiny_gpt2_dir), *TINY_RUN, "--out", str(resumed)]), "knowledge")
     metrics = kn.run_experiment(config, resume=True, log=lambda message: None)
@@ -412,3 +427,28 @@ def test_a_data_parallel_run_resumes_in_one_process(torchrun_run, tmp_path, tiny
     want, got = (load_file(str(folder / "masks/masks.safetensors")) for folder in (two, resumed))
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-3, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("torchrun_run", ["fsdp"], indirect=True)
+def test_a_sharded_run_resumes_with_two_processes_bit_for_bit(torchrun_run, tmp_path, tiny_gpt2_dir):
+    """`--resume` under torchrun from the step-4 checkpoint of a 2-process FSDP2 run (DCP shards) ends with exactly
+    the uninterrupted run's masks and history."""
+    two, result, _ = torchrun_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = _resumable_copy(two, tmp_path / "resumed")
+    again = _torchrun_knowledge(tiny_gpt2_dir, resumed, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "(step 4)" in again.stderr
+    want, got = (load_file(str(folder / "masks/masks.safetensors")) for folder in (two, resumed))
+    assert set(got) == set(want) and all(torch.equal(got[name], want[name]) for name in want)
+    assert (two / "history.csv").read_text() == (resumed / "history.csv").read_text()
+
+
+def test_a_one_process_checkpoint_does_not_resume_sharded(cli_run, tmp_path, tiny_gpt2_dir):
+    """A checkpoint of whole state (one process) cannot fill FSDP2 shards: a clear error, not a silent restart."""
+    one, result = cli_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = _resumable_copy(one, tmp_path / "resumed")
+    again = _torchrun_knowledge(tiny_gpt2_dir, resumed, "--resume")
+    assert again.returncode != 0
+    assert "resume it in one process or with --data-parallel ddp" in again.stderr

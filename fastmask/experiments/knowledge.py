@@ -113,6 +113,9 @@ class KnowledgeConfig(RunConfig):
     eval_every: int = field(default=0, metadata=help_metadata(
         "steps between TargetKG/ControlKG evaluations (0: at the end)"))
     eval_batch: int = field(default=32, metadata=help_metadata("sentences / blocks per evaluation batch"))
+    data_parallel: Literal["fsdp", "ddp"] = field(default="fsdp", metadata=help_metadata(
+        "under torchrun: fsdp shards the masked blocks (logits, frozen weights, Adam state) over the processes "
+        "with FSDP2; ddp keeps a whole copy on every process and all-reduces the logits' gradients"))
 
     def validate(self) -> "KnowledgeConfig":
         super().validate()
@@ -773,9 +776,10 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     import fastmask as fm
     from . import knowledge_data as kd
 
-    # Data parallel under torchrun: every rank holds the whole (small) mask state, draws the same global batches and
-    # the same gates, and trains on its share of each batch; DDP averages the logits' gradients. Rank 0 owns the
-    # results folder (data.json, checkpoints, history, report) and evaluates; the others stop after training.
+    # Data parallel under torchrun: every rank draws the same global batches and the same gates and trains on its
+    # share of each batch. FSDP2 (default) shards the masked blocks over the ranks, DDP keeps a copy on each; either
+    # way the logits' gradients are averaged. Rank 0 owns the results folder (data.json, checkpoints, history,
+    # report) and evaluates; the others stop after training.
     run, rank, world = open_run(config, resume=resume, overwrite=overwrite, experiment=EXPERIMENT, log=log)
     main = rank == 0
     log = run.log
@@ -824,10 +828,13 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     layers = fm.masked_modules(model)
     for layer in layers.values():
         layer.train()
-    optimizer = torch.optim.Adam(fm.mask_parameters(model), lr=config.lr)
     step_loss = StepLoss(model, top)
-    if world > 1:
+    sharded = world > 1 and config.data_parallel == "fsdp"
+    if sharded:
+        fmd.shard_masked_blocks(model, root=step_loss)
+    elif world > 1:
         step_loss = fmd.replicate(step_loss)
+    optimizer = torch.optim.Adam(fm.mask_parameters(model), lr=config.lr)  # after sharding: its logits are DTensors
     target_data, control_data = sets["targetkg"], sets["controlkg_train"]
     streams = {"targetkg": BatchStream(len(target_data), config.targetkg_batch or len(target_data), config.seed),
                "controlkg": BatchStream(len(control_data), config.controlkg_batch, config.seed + 1),
@@ -867,8 +874,8 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
         # The logged values are the global ones: the ranks' weighted terms averaged.
         loss, suppression, control_kl, lm_kl = fmd.mean_over_ranks(
             torch.stack([loss.detach(), suppression.detach(), control_kl.detach(), lm_kl.detach()]))
-        with torch.no_grad():
-            closed = sum(int((layer.gates() == 0).sum()) for layer in layers.values())
+        with torch.no_grad():  # (sharded logits: each rank counts its shard, then one sum over the ranks)
+            closed = sum(fm.io.full_tensor((layer.gates() == 0).sum()) for layer in layers.values()).item()
         row = {"loss": loss.item(), "target_kl_uniform": suppression.item(), "control_kl": control_kl.item(),
                "lm_kl": lm_kl.item(), "density": density.item(), "lambda_reg": lam,
                "lr": optimizer.param_groups[0]["lr"],
@@ -885,6 +892,15 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     history = run.train(state, step_fn, show=("loss", "target_kl_uniform", "control_kl", "lm_kl", "sparsity"),
                         desc=f"knowledge {config.target}")
     train_seconds = time.perf_counter() - train_started
+    if sharded:
+        # The masks gathered into one file (every rank takes part); rank 0 evaluates a whole model that reads it,
+        # exactly as a user would load the run's masks.
+        fmd.save_masks(model, run.path("masks"))
+        if main:
+            model = _load_model(config, device)[0]
+            fm.load_masks(model, run.path("masks"))
+            top = TopBlocks(model, first, blocks_path)
+            layers = fm.masked_modules(model)
     if not main:  # rank 0 evaluates and writes the results
         return {}
 
@@ -910,7 +926,8 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
                    "device": str(device), "torch_threads": torch.get_num_threads(),
                    "machine": f"{platform.machine()} {platform.processor() or ''}".strip()},
     }
-    run.save_masks(model)
+    if not sharded:
+        run.save_masks(model)
     run.write_metrics(metrics)
     _plots(run, history, summary, sparsity)
     run.write_report(report_markdown(config, metrics, prepared))

@@ -64,7 +64,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from ..assets import atomic_write_bytes, atomic_write_text
 
 CHECKPOINT_FORMAT = "fastmask.checkpoint"
-CHECKPOINT_VERSION = 1
+# Version 2 added "sharded_state": the logits and optimizer state of an FSDP2 run in a DCP folder of the checkpoint.
+CHECKPOINT_VERSION = 2
+SHARDED_STATE_DIR = "sharded"
 # Fields that may differ between a run and its resumption (they do not change any number the run computes).
 RUN_CONTROL_FIELDS = ("progress", "out", "data_dir", "checkpoint_every", "keep_checkpoints")
 
@@ -497,18 +499,32 @@ def _canonical(payload: dict) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
 
 
-def save_checkpoint(state: TrainState, folder) -> Path:
+def is_sharded(state: TrainState) -> bool:
+    """Whether the state's parameters are sharded over the processes (DTensors of an FSDP2 run)."""
+    from ..ops._common import is_dtensor
+
+    return any(is_dtensor(p) for p in state.params.values())
+
+
+def save_checkpoint(state: TrainState, folder, staging: Optional[Path] = None) -> Path:
     """Write ``state`` to ``folder`` (created; replaced if present) atomically: a temporary folder beside it is
-    filled, fsynced and renamed. Returns the folder."""
+    filled, fsynced and renamed. Returns the folder. Sharded state (``is_sharded``): the parameters and the
+    optimizer are not written here but by every rank into ``staging``/sharded (``Run.checkpoint``); ``staging`` is
+    then the temporary folder, which this fills with the rest and renames."""
     from safetensors.torch import save as save_tensors
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    sharded = is_sharded(state)
+    if sharded and staging is None:
+        raise ValueError("save_checkpoint: sharded state needs the staging folder its shards were written to")
     tensors: dict = {}
     payload = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": state.step,
-        "params": {name: _flatten(p, f"params.{name}", tensors) for name, p in state.params.items()},
-        "optimizer": None if state.optimizer is None else _flatten(state.optimizer.state_dict(), "optimizer", tensors),
+        "sharded_state": SHARDED_STATE_DIR if sharded else None,
+        "params": {} if sharded else {name: _flatten(p, f"params.{name}", tensors) for name, p in state.params.items()},
+        "optimizer": None if state.optimizer is None or sharded
+        else _flatten(state.optimizer.state_dict(), "optimizer", tensors),
         "scheduler": None if state.scheduler is None else _flatten(state.scheduler.state_dict(), "scheduler", tensors),
         "rng": _flatten(_rng_state(), "rng", tensors),
         "noise_counters": None if state.model is None else _noise_counters(state.model),
@@ -521,7 +537,7 @@ def save_checkpoint(state: TrainState, folder) -> Path:
     blob = save_tensors(tensors)
     payload["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
     payload["json_sha256"] = hashlib.sha256(_canonical(payload)).hexdigest()
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    staging = Path(staging or tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         for name, data in (("state.safetensors", blob),
                            ("state.json", (json.dumps(payload, indent=1) + "\n").encode())):
@@ -590,30 +606,19 @@ def read_checkpoint(folder) -> tuple[dict, dict]:
 
 def load_checkpoint(state: TrainState, folder) -> TrainState:
     """Restore ``state`` in place from a verified checkpoint; the names and shapes of the params, the optimizer
-    and the data streams must match the run's."""
-    import torch
-
+    and the data streams must match the run's. A sharded checkpoint loads into a sharded run of any number of
+    processes or into one process; every rank of a sharded run calls this."""
     payload, tensors = read_checkpoint(folder)
-    params = {name: _unflatten(v, tensors) for name, v in payload["params"].items()}
-    if sorted(params) != sorted(state.params):
-        missing, extra = sorted(set(state.params) - set(params)), sorted(set(params) - set(state.params))
-        raise CheckpointError(f"checkpoint {folder}: its parameters differ from this run's (missing {missing[:3]}, "
-                              f"unexpected {extra[:3]})")
-    for name, value in params.items():
-        target = state.params[name]
-        if tuple(target.shape) != tuple(value.shape):
-            raise CheckpointError(f"checkpoint {folder}: parameter {name} has shape {list(value.shape)}, this run "
-                                  f"has {list(target.shape)}")
+    if payload.get("sharded_state"):
+        _load_sharded_state(state, Path(folder) / payload["sharded_state"])
+    elif is_sharded(state):  # a mismatch of the command line, not a damaged checkpoint: no older one would do
+        raise ConfigError(f"checkpoint {folder}: written by a run whose state was whole in each process (one "
+                          f"process or DDP); resume it in one process or with --data-parallel ddp")
+    else:
+        _load_whole_state(state, folder, payload, tensors)
     if sorted(payload["streams"]) != sorted(state.streams):
         raise CheckpointError(f"checkpoint {folder}: data streams {sorted(payload['streams'])} differ from this "
                               f"run's {sorted(state.streams)}")
-    with torch.no_grad():
-        for name, value in params.items():
-            state.params[name].copy_(value)
-    if state.optimizer is not None:
-        if payload["optimizer"] is None:
-            raise CheckpointError(f"checkpoint {folder}: holds no optimizer state")
-        state.optimizer.load_state_dict(_unflatten(payload["optimizer"], tensors))
     if state.scheduler is not None and payload["scheduler"] is not None:
         state.scheduler.load_state_dict(_unflatten(payload["scheduler"], tensors))
     for name, stream in state.streams.items():
@@ -631,6 +636,42 @@ def load_checkpoint(state: TrainState, folder) -> TrainState:
     state.step = int(payload["step"])
     _set_rng_state(_unflatten(payload["rng"], tensors))
     return state
+
+
+def _load_sharded_state(state: TrainState, folder: Path) -> None:
+    """The parameters and optimizer state of a sharded checkpoint (DCP, resharded to this run's processes, or read
+    whole by one process)."""
+    from .. import distributed as fmd
+
+    if state.model is None or state.optimizer is None:
+        raise CheckpointError(f"checkpoint {folder.parent}: sharded state needs the run's model and optimizer")
+    try:
+        fmd.load_checkpoint(folder, state.model, state.optimizer)
+    except Exception as error:  # noqa: BLE001 - DCP raises many kinds; each means this checkpoint is unusable
+        raise CheckpointError(f"checkpoint {folder.parent}: its sharded state does not load "
+                              f"({type(error).__name__}: {str(error)[:300]})") from None
+
+
+def _load_whole_state(state: TrainState, folder, payload: dict, tensors: dict) -> None:
+    import torch
+
+    params = {name: _unflatten(v, tensors) for name, v in payload["params"].items()}
+    if sorted(params) != sorted(state.params):
+        missing, extra = sorted(set(state.params) - set(params)), sorted(set(params) - set(state.params))
+        raise CheckpointError(f"checkpoint {folder}: its parameters differ from this run's (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]})")
+    for name, value in params.items():
+        target = state.params[name]
+        if tuple(target.shape) != tuple(value.shape):
+            raise CheckpointError(f"checkpoint {folder}: parameter {name} has shape {list(value.shape)}, this run "
+                                  f"has {list(target.shape)}")
+    with torch.no_grad():
+        for name, value in params.items():
+            state.params[name].copy_(value)
+    if state.optimizer is not None:
+        if payload["optimizer"] is None:
+            raise CheckpointError(f"checkpoint {folder}: holds no optimizer state")
+        state.optimizer.load_state_dict(_unflatten(payload["optimizer"], tensors))
 
 
 def checkpoint_folders(root) -> list[Path]:
@@ -754,14 +795,27 @@ class Run:
 
     # -- checkpoints --
     def checkpoint(self, state: TrainState) -> Path:
-        """Save ``state`` as checkpoints/step-<step>/ and keep only the newest ``keep_checkpoints`` (the main process
-        only: the other ranks of a data-parallel run hold the same replicated state)."""
-        if not self.main_process:
-            return self.checkpoint_dir / f"step-{state.step:08d}"
-        folder = save_checkpoint(state, self.checkpoint_dir / f"step-{state.step:08d}")
-        for old in checkpoint_folders(self.checkpoint_dir)[self.config.keep_checkpoints:]:
-            shutil.rmtree(old, ignore_errors=True)
-        self.write_history(state.history)
+        """Save ``state`` as checkpoints/step-<step>/ and keep only the newest ``keep_checkpoints``. Replicated
+        state (one process, DDP): the main process writes it all. Sharded state (FSDP2): every rank calls this and
+        writes its shards of the logits and the optimizer into sharded/ (DCP), then the main process adds the rest
+        and renames the whole folder into place: a run killed meanwhile leaves the previous checkpoint newest."""
+        from .. import distributed as fmd
+
+        folder = self.checkpoint_dir / f"step-{state.step:08d}"
+        staging = None
+        if is_sharded(state):
+            staging = self.checkpoint_dir / f".{folder.name}.sharded.tmp"
+            if self.main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            fmd.barrier()
+            fmd.save_checkpoint(staging / SHARDED_STATE_DIR, state.model, state.optimizer, state.step)
+        if self.main_process:
+            save_checkpoint(state, folder, staging=staging)
+            for old in checkpoint_folders(self.checkpoint_dir)[self.config.keep_checkpoints:]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.write_history(state.history)
+        if staging is not None:
+            fmd.barrier()  # no rank goes on (and maybe dies) before the checkpoint is complete
         return folder
 
     def restore(self, state: TrainState) -> bool:

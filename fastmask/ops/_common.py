@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
+
+import torch
 
 from .._params import GateParams
 from ._validate import check_flag, check_gate_params, check_seed_offset, estimator_code
@@ -27,3 +30,19 @@ def make_params(estimator: str, seed: int, offset: int, beta: float, gamma: floa
     check_flag(inverse, "inverse", where)
     return GateParams(code, int(seed), int(offset), float(beta), float(gamma), float(zeta), float(tau),
                       bool(training), bool(inverse))
+
+
+def is_dtensor(tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter that FSDP2 shards), without importing torch.distributed.tensor:
+    a DTensor exists only once that module was imported (importing it costs about half a second)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
+
+def allow_dtensor(tensor: torch.Tensor) -> None:
+    """Register the DTensor sharding rules of the ops (ops/_sharding.py) once a DTensor reaches one: the mask
+    logits between steps of an FSDP2 run."""
+    if is_dtensor(tensor):
+        from . import _sharding  # imports torch.distributed.tensor: loaded only here, see above
+
+        _sharding.register()

@@ -11,7 +11,7 @@ import torch
 
 from ..ref import compute_dtype
 from ._backend import resolve
-from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
+from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, allow_dtensor, default_beta, make_params
 from ._modes import refuse_nan
 from ._validate import check_float_tensor
 
@@ -72,6 +72,7 @@ def gate(logits: torch.Tensor, *, estimator: str = "hard_concrete", seed: int = 
     is ``uniform(seed, offset + j)``. ``inverse=True`` gives 1 - z (the complement subnetwork).
     """
     check_float_tensor(logits, "logits", _WHERE)
+    allow_dtensor(logits)
     beta = default_beta(estimator, beta)
     make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
     return _gate_op(logits, estimator, seed, offset, beta, float(gamma), float(zeta), float(tau), bool(training),

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import ref
-from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta
+from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, allow_dtensor, default_beta
 from ._modes import refuse_nan
 from ._validate import check_float_tensor, check_gate_params, estimator_code
 
@@ -50,6 +50,7 @@ def l0_norm(logits: torch.Tensor, beta: Optional[float] = None, gamma: float = D
     gumbel_sigmoid_st / bernoulli_st: sum of sigmoid(l); threshold_st: the count of l > tau (straight-through).
     """
     check_float_tensor(logits, "logits", _WHERE)
+    allow_dtensor(logits)
     estimator_code(estimator, _WHERE)
     beta = default_beta(estimator, beta)
     check_gate_params(beta, gamma, zeta, _WHERE, tau)
