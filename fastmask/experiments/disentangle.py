@@ -71,7 +71,8 @@ SETTING_DEFAULTS = {
 
 @dataclass
 class DisentangleConfig(RunConfig):
-    """Defaults: the paper's method on the offline tweets, sized for a few minutes on a 2-core CPU (see README)."""
+    """Defaults: the paper's method on the offline tweets, sized for a few minutes on a 2-core CPU
+    (docs/experiments/disentangle.md)."""
 
     steps: int = field(default=200, metadata=help_metadata("mask-learning steps"))
     checkpoint_every: int = field(default=50, metadata=help_metadata("steps between checkpoints (0: only at the end)"))

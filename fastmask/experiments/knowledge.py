@@ -54,7 +54,8 @@ EXPERIMENT = "knowledge"
 # --- configuration ------------------------------------------------------------------------------------------
 @dataclass
 class KnowledgeConfig(RunConfig):
-    """Defaults: the paper's method with a CPU-sized budget on the packaged SmolLM2-135M (see README)."""
+    """Defaults: the paper's method with a CPU-sized budget on the packaged SmolLM2-135M
+    (docs/experiments/knowledge.md)."""
 
     steps: int = field(default=300, metadata=help_metadata("optimisation steps"))
     checkpoint_every: int = field(default=50, metadata=help_metadata("steps between checkpoints (0: only at the end)"))
@@ -99,7 +100,7 @@ class KnowledgeConfig(RunConfig):
     init_keep: float = field(default=0.05, metadata=help_metadata(
         "initial probability of a weight being in the subnetwork: logits = logit(init_keep). The paper uses 0.45 "
         "with 40,000 steps; with a few hundred steps that start leaves the logits random-walking around the "
-        "threshold (see the README), so the CPU-budget default starts at 0.05"))
+        "threshold (docs/experiments/knowledge.md), so the CPU-budget default starts at 0.05"))
     lr: float = field(default=0.2, metadata=help_metadata("Adam learning rate of the mask logits"))
     warmup_frac: float = field(default=0.1, metadata=help_metadata(
         "linear learning-rate warm-up, fraction of the steps"))

@@ -93,7 +93,7 @@ class TopoprobeConfig(RunConfig):
         "class-weighted cross-entropy (weights n / (2 n_class) of the training rows; not the paper's). CoLA is 70% "
         "acceptable: short MiniLM runs end on one class with or without it (measured, 40 steps of 32 at lr 1e-4: plain "
         "CE all 'acceptable'; weighted, one class per run, either one); a 200-step run of 16 with it reached dev MCC "
-        "0.06-0.14 (README)"))
+        "0.06-0.14 (docs/experiments/topoprobe.md)"))
     probe_weight: float = field(default=10.0, metadata=help_metadata("weight w of the probe loss (released: 10)"))
     full: bool = field(default=False, metadata=help_metadata(
         "the paper's setting: overrides the budget flags (sentences, epochs, layers, seeds, steps, lr, val split)"))
