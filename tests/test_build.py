@@ -157,3 +157,16 @@ def test_triton_older_than_3_4_is_refused_with_the_reason(monkeypatch):
         monkeypatch.undo()
         _backend._triton_status.cache_clear()
     assert _backend._triton_status()[0]
+
+
+def test_every_package_of_the_source_tree_is_installed():
+    """pyproject.toml lists the packages by hand: a sub-package missing there installs nowhere but an editable
+    checkout (CI installs the wheel, so its tests would not even import)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(("fastmask",) + init.parent.relative_to(root / "fastmask").parts)
+               for init in (root / "fastmask").rglob("__init__.py")}
+    on_disk |= {"fastmask.kernels"} if (root / "kernels" / "__init__.py").exists() else set()
+    assert on_disk <= listed, f"not in pyproject.toml's packages: {sorted(on_disk - listed)}"

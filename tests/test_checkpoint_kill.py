@@ -35,7 +35,7 @@ if KILL_AT:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_fsync(fd)
 
-    runner.os.fsync = dying_fsync
+    runner.checkpoint.os.fsync = dying_fsync
 
 
 def main(argv=None):

@@ -15,7 +15,7 @@ import torch
 
 import fastmask as fm
 from fastmask.experiments import disentangle as dis
-from fastmask.experiments import disentangle_data as dd
+from fastmask.experiments.disentangle import config as dc, data as dd, evaluate as de, model as dm
 
 from conftest import SHARED_DATA
 
@@ -88,7 +88,7 @@ def test_reviews_loader_counts_balance_and_correlation_control():
     cells = {cell: data.labels.count(cell) for cell in ((0, 0), (0, 1), (1, 0), (1, 1))}
     assert cells == {(0, 0): 675, (0, 1): 301, (1, 0): 552, (1, 1): 477}
     assert all(dd.review_aspect(text) == aspect for text, (_, aspect) in zip(data.texts, data.labels))
-    sizes = {s: dis.SETTING_DEFAULTS["reviews"][f"{s}_size"] for s in ("train", "probe", "test", "shifted")}
+    sizes = {s: dc.SETTING_DEFAULTS["reviews"][f"{s}_size"] for s in ("train", "probe", "test", "shifted")}
     splits = dd.correlated_splits(data, sizes, {"train": 0.8, "probe": 0.5, "test": 0.5, "shifted": 0.2}, seed=0)
     for name, agreement in (("train", 0.8), ("test", 0.5), ("shifted", 0.2)):
         rows = splits[name].labels
@@ -144,9 +144,9 @@ def test_triplet_loss_and_mean_pool_by_hand():
     p = torch.tensor([[3.0, 4.0], [1.0, 1.0]])   # distances 5, 0
     n = torch.tensor([[0.0, 1.0], [1.0, 3.0]])   # distances 1, 2
     # max(0, 5 - 1 + 0.5) = 4.5, max(0, 0 - 2 + 0.5) = 0
-    assert dis.triplet_loss(a, p, n, margin=0.5).item() == pytest.approx(2.25)
+    assert dm.triplet_loss(a, p, n, margin=0.5).item() == pytest.approx(2.25)
     hidden = torch.tensor([[[1.0], [3.0], [100.0]]])
-    assert dis.mean_pool(hidden, torch.tensor([[1, 1, 0]])).item() == pytest.approx(2.0)
+    assert dm.mean_pool(hidden, torch.tensor([[1, 1, 0]])).item() == pytest.approx(2.0)
 
 
 def test_overlap_penalty_and_gradient_reversal_by_hand(tiny_bert_dir):
@@ -158,10 +158,10 @@ def test_overlap_penalty_and_gradient_reversal_by_hand(tiny_bert_dir):
             layer.logits.copy_(torch.randn(layer.logits.shape, generator=gen))
     products = sum((torch.sigmoid(l.logits[0] - 0.5) * torch.sigmoid(l.logits[1] - 0.5)).sum() for l in layers.values())
     total = sum(l.weight.numel() for l in layers.values())
-    assert dis.overlap_penalty(encoder).item() == pytest.approx((products / total).item(), rel=1e-5)
+    assert dm.overlap_penalty(encoder).item() == pytest.approx((products / total).item(), rel=1e-5)
 
     x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
-    y = dis.grad_reverse(x, 0.7)
+    y = dm.grad_reverse(x, 0.7)
     assert torch.equal(y, x.detach())
     (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     torch.testing.assert_close(x.grad, torch.tensor([-0.7, -1.4, -2.1]))
@@ -175,7 +175,7 @@ def test_grouped_forward_equals_k_separate_single_mask_passes(tiny_bert_dir, est
     base = _encoder(tiny_bert_dir)
     singles = [copy.deepcopy(base) for _ in range(2)]
     config = fm.MaskConfig(estimator=estimator, granularity="unit_in", seed=3)
-    model = dis.DisentangleModel(fm.apply(base, fm.MaskConfig(**{**config.to_dict(), "n_masks": 2})), [2, 3])
+    model = dm.DisentangleModel(fm.apply(base, fm.MaskConfig(**{**config.to_dict(), "n_masks": 2})), [2, 3])
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for layer in fm.masked_modules(model.encoder).values():
@@ -190,20 +190,20 @@ def test_grouped_forward_equals_k_separate_single_mask_passes(tiny_bert_dir, est
             layer.train(training)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     texts = ["a good day", "this is bad news for everyone", "ok", "what", "so so", "never again, really"]
-    data = dis.Encoded(tokenizer, texts, max_length=16)
+    data = dd.Encoded(tokenizer, texts, max_length=16)
     ids, mask, h0 = data.batch(range(6), "cpu")
     assert h0 is None
     z = model.grouped(ids, mask)
     assert z.shape == (2, 3, 32)
     for k, single in enumerate(singles):
         rows = slice(3 * k, 3 * k + 3)
-        expected = dis.mean_pool(single(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state, mask[rows])
+        expected = dm.mean_pool(single(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state, mask[rows])
         torch.testing.assert_close(z[k], expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(model.represent(ids[rows], mask[rows], k), expected, rtol=1e-4, atol=1e-5)
     # the unmasked representation is the original encoder
     plain = _encoder(tiny_bert_dir)
     torch.testing.assert_close(model.represent(ids, mask, None),
-                               dis.mean_pool(plain(input_ids=ids, attention_mask=mask).last_hidden_state, mask))
+                               dm.mean_pool(plain(input_ids=ids, attention_mask=mask).last_hidden_state, mask))
 
 
 def test_top_block_masks_from_cached_block_inputs_equal_the_whole_encoder(tiny_bert_dir):
@@ -213,11 +213,11 @@ def test_top_block_masks_from_cached_block_inputs_equal_the_whole_encoder(tiny_b
     from transformers import AutoTokenizer
 
     encoder = _encoder(tiny_bert_dir)
-    first = dis.first_masked_block(encoder, 1)
-    assert first == 1 and dis.first_masked_block(encoder, 0) == 0 and dis.mask_targets(encoder, 0) is None
-    with pytest.raises(dis.ConfigError, match="top_blocks"):
-        dis.first_masked_block(encoder, 3)
-    fm.apply(encoder, fm.MaskConfig(estimator="threshold_st", n_masks=2, targets=dis.mask_targets(encoder, first)))
+    first = dm.first_masked_block(encoder, 1)
+    assert first == 1 and dm.first_masked_block(encoder, 0) == 0 and dm.mask_targets(encoder, 0) is None
+    with pytest.raises(dm.ConfigError, match="top_blocks"):
+        dm.first_masked_block(encoder, 3)
+    fm.apply(encoder, fm.MaskConfig(estimator="threshold_st", n_masks=2, targets=dm.mask_targets(encoder, first)))
     assert sorted(fm.masked_modules(encoder)) == sorted(
         f"encoder.layer.1.{n}" for n in ("attention.self.query", "attention.self.key", "attention.self.value",
                                          "attention.output.dense", "intermediate.dense", "output.dense"))
@@ -225,10 +225,10 @@ def test_top_block_masks_from_cached_block_inputs_equal_the_whole_encoder(tiny_b
     with torch.no_grad():
         for layer in fm.masked_modules(encoder).values():
             layer.logits.copy_(torch.randn(layer.logits.shape, generator=gen))
-    model = dis.DisentangleModel(encoder, [2, 2], first)
+    model = dm.DisentangleModel(encoder, [2, 2], first)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    data = dis.Encoded(tokenizer, ["a good day", "this is bad news for everyone", "ok", "what"], max_length=16)
-    features = dis._unmasked_features(encoder, {"x": data}, first, batch=3, device="cpu")
+    data = dd.Encoded(tokenizer, ["a good day", "this is bad news for everyone", "ok", "what"], max_length=16)
+    features = de._unmasked_features(encoder, {"x": data}, first, batch=3, device="cpu")
     assert data.h0.shape == (4, data.input_ids.shape[1], 32)
     ids, mask, h0 = data.batch([1, 3], "cpu")
     assert h0.shape[:2] == ids.shape
@@ -240,7 +240,7 @@ def test_top_block_masks_from_cached_block_inputs_equal_the_whole_encoder(tiny_b
                                    rtol=1e-4, atol=1e-5)
     ids4, mask4, h04 = data.batch([1, 3, 1, 3], "cpu")
     torch.testing.assert_close(model.grouped(ids4, mask4, h04), model.grouped(ids4, mask4), rtol=1e-4, atol=1e-5)
-    blocks = encoder.get_submodule(dis.encoder_blocks(encoder)[0])
+    blocks = encoder.get_submodule(dm.encoder_blocks(encoder)[0])
     assert all(type(b).__name__ != "PassThrough" for b in blocks)  # the lower blocks are back
     # the gradient reaches the masks of the top block only through the cached path too
     model.grouped(ids4, mask4, h04).sum().backward()
@@ -252,7 +252,7 @@ def test_magnitude_pruning_removes_an_exact_fraction_globally_or_per_layer(tiny_
         encoder = fm.apply(_encoder(tiny_bert_dir), fm.MaskConfig(n_masks=2))
         layers = fm.masked_modules(encoder)
         before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
-        pruned = dis.magnitude_prune(encoder, 0.3, scope)
+        pruned = dm.magnitude_prune(encoder, 0.3, scope)
         total = sum(w.numel() for w in before.values())
         zeros = sum(int((layer.weight == 0).sum()) for layer in layers.values())
         if scope == "layer":
@@ -270,14 +270,14 @@ def test_magnitude_pruning_removes_an_exact_fraction_globally_or_per_layer(tiny_
             nonzero = layer.weight != 0
             assert torch.equal(layer.weight[nonzero], before[name][nonzero])
     with pytest.raises(ValueError, match="scope"):
-        dis.magnitude_prune(encoder, 0.3, "row")
+        dm.magnitude_prune(encoder, 0.3, "row")
 
 
 @pytest.mark.parametrize("granularity", ["weight", "unit_in", "unit_out"])
 def test_zero_fraction_counts_pruned_or_closed_weights(tiny_bert_dir, granularity):
     encoder = fm.apply(_encoder(tiny_bert_dir), fm.MaskConfig(estimator="threshold_st", granularity=granularity,
                                                                 n_masks=2))
-    dis.magnitude_prune(encoder, 0.3, "global")
+    dm.magnitude_prune(encoder, 0.3, "global")
     layers = fm.masked_modules(encoder)
     total = sum(layer.weight.numel() for layer in layers.values())
     with torch.no_grad():
@@ -286,9 +286,9 @@ def test_zero_fraction_counts_pruned_or_closed_weights(tiny_bert_dir, granularit
             layer.logits[1].fill_(5.0)
         first = next(iter(layers.values()))
         first.logits[1].fill_(-5.0)  # mask 1: the first layer closed entirely
-    assert dis.zero_fraction(encoder, 0) == pytest.approx(int(0.3 * total) / total)
+    assert de.zero_fraction(encoder, 0) == pytest.approx(int(0.3 * total) / total)
     pruned_elsewhere = sum(int((layer.weight == 0).sum()) for layer in list(layers.values())[1:])
-    assert dis.zero_fraction(encoder, 1) == pytest.approx((first.weight.numel() + pruned_elsewhere) / total)
+    assert de.zero_fraction(encoder, 1) == pytest.approx((first.weight.numel() + pruned_elsewhere) / total)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------
@@ -304,11 +304,11 @@ def test_leakage_table_on_synthetic_features_with_a_known_answer():
 
     features = {name: {s: carrying(f, s) for s in labels} for name, f in
                 (("mask_0", 0), ("mask_1", 1), ("noise", None))}
-    table = dis.leakage_table(features, labels)
+    table = de.leakage_table(features, labels)
     assert table["mask_0"][0] > 0.95 and abs(table["mask_0"][1] - 0.5) < 0.1
     assert table["mask_1"][1] > 0.95 and abs(table["mask_1"][0] - 0.5) < 0.1
     assert all(abs(a - 0.5) < 0.1 for a in table["noise"])
-    assert dis.disentanglement_score(table, 2) == pytest.approx(
+    assert de.disentanglement_score(table, 2) == pytest.approx(
         (table["mask_0"][0] - table["mask_0"][1] + table["mask_1"][1] - table["mask_1"][0]) / 2)
 
 
@@ -318,11 +318,11 @@ def test_adversarial_removal_hides_the_other_factor():
     x = torch.randn(300, 4, generator=gen)
     x[:, 0] += 3 * labels[:, 0]
     x[:, 1] += 3 * labels[:, 1]
-    keep = dis.adversarial_features(x[:200], labels[:200], factor=0, steps=100, strength=1.0, seed=0)
-    removed_without = dis.adversarial_features(x[:200], labels[:200], factor=0, steps=100, strength=0.0, seed=0)
-    other = [dis.probe_accuracy(f(x[:200]), labels[:200, 1], f(x[200:]), labels[200:, 1])
+    keep = dm.adversarial_features(x[:200], labels[:200], factor=0, steps=100, strength=1.0, seed=0)
+    removed_without = dm.adversarial_features(x[:200], labels[:200], factor=0, steps=100, strength=0.0, seed=0)
+    other = [de.probe_accuracy(f(x[:200]), labels[:200, 1], f(x[200:]), labels[200:, 1])
              for f in (keep, removed_without)]
-    own = dis.probe_accuracy(keep(x[:200]), labels[:200, 0], keep(x[200:]), labels[200:, 0])
+    own = de.probe_accuracy(keep(x[:200]), labels[:200, 0], keep(x[200:]), labels[200:, 0])
     assert own > 0.85
     assert other[0] < other[1] - 0.1  # gradient reversal removes the other factor that plain training keeps
 
@@ -366,8 +366,8 @@ def test_cli_end_to_end_on_a_tiny_bert(tiny_bert_dir, tmp_path):
     config = json.loads((out / "config.json").read_text())
     encoder = _encoder(tiny_bert_dir)
     fm.apply(encoder, fm.MaskConfig(estimator=config["estimator"], n_masks=2, init_keep=config["init_keep"],
-                                    seed=config["seed"], targets=dis.mask_targets(encoder, 1)))
-    dis.magnitude_prune(encoder, 0.2, "global")
+                                    seed=config["seed"], targets=dm.mask_targets(encoder, 1)))
+    dm.magnitude_prune(encoder, 0.2, "global")
     fm.load_masks(encoder, out / "masks")
     zeros = sum(int((layer.weight == 0).sum()) for layer in fm.masked_modules(encoder).values())
     assert zeros == int(0.2 * sum(layer.weight.numel() for layer in fm.masked_modules(encoder).values()))
@@ -439,7 +439,7 @@ def test_zero_fraction_reads_gpt2_conv1d_gates_in_their_own_layout(granularity):
     want = sum(int((layer.merged_weight(mask=0) == 0).sum()) for layer in layers.values()) / \
         sum(layer.weight.numel() for layer in layers.values())
     assert 0 < want < 1
-    assert dis.zero_fraction(model, 0) == pytest.approx(want, abs=0)
+    assert de.zero_fraction(model, 0) == pytest.approx(want, abs=0)
 
 
 def test_data_parallel_run_under_torchrun_follows_the_one_process_run(tiny_bert_dir, tmp_path):

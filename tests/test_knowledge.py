@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import fastmask as fm
 from fastmask import assets
 from fastmask.experiments import knowledge as kn
-from fastmask.experiments import knowledge_data as kd
+from fastmask.experiments.knowledge import data as kd, model as km, train as kt, wordnet as kw
 from fastmask.experiments import runner
 
 from conftest import SHARED_DATA
@@ -57,18 +57,18 @@ SENTENCES = [(" A house is a building", "building"), ("Bathhouse is a kind of gu
 
 
 def _encoded(tokenizer, scope="all"):
-    return kn.encode(tokenizer, [s for s, _ in SENTENCES], [t for _, t in SENTENCES], scope, tokenizer.eos_token_id)
+    return kd.encode(tokenizer, [s for s, _ in SENTENCES], [t for _, t in SENTENCES], scope, tokenizer.eos_token_id)
 
 
 # --- schedules ------------------------------------------------------------------------------------------------
 def test_reg_lambda_schedule():
-    values = [kn.reg_lambda(step, 10) for step in range(10)]
+    values = [kt.reg_lambda(step, 10) for step in range(10)]
     assert values[:5] == [2.0] * 5  # the first half
     assert values[5:] == pytest.approx([2.2, 2.4, 2.6, 2.8, 3.0])  # then linear to 3 at the last step
-    assert kn.reg_lambda(0, 1) == 3.0 and kn.reg_lambda(2, 7, 1.0, 5.0) == 1.0 and kn.reg_lambda(3, 7, 1.0, 5.0) == 2.0
-    assert kn.reg_lambda(6, 7, 1.0, 5.0) == 5.0
-    assert [kn.lr_factor(s, 100, 0.1) for s in (0, 4, 9, 10, 99)] == pytest.approx([1 / 11, 5 / 11, 10 / 11, 1, 1])
-    assert kn.lr_factor(0, 5, 0.1) == 1.0  # int(0.5) = 0 warm-up steps
+    assert kt.reg_lambda(0, 1) == 3.0 and kt.reg_lambda(2, 7, 1.0, 5.0) == 1.0 and kt.reg_lambda(3, 7, 1.0, 5.0) == 2.0
+    assert kt.reg_lambda(6, 7, 1.0, 5.0) == 5.0
+    assert [kt.lr_factor(s, 100, 0.1) for s in (0, 4, 9, 10, 99)] == pytest.approx([1 / 11, 5 / 11, 10 / 11, 1, 1])
+    assert kt.lr_factor(0, 5, 0.1) == 1.0  # int(0.5) = 0 warm-up steps
 
 
 # --- loss terms -----------------------------------------------------------------------------------------------
@@ -79,9 +79,9 @@ def test_kl_terms_match_their_definitions():
     q = [[math.exp(v) / sum(math.exp(w) for w in row) for v in row] for row in full.tolist()]
     uniform = sum(sum(1 / 7 * (math.log(1 / 7) - math.log(pv)) for pv in row) for row in p) / 4
     maintain = sum(sum(qv * (math.log(qv) - math.log(pv)) for pv, qv in zip(pr, qr)) for pr, qr in zip(p, q)) / 4
-    assert kn.kl_uniform_to(logits).item() == pytest.approx(uniform, rel=1e-5)
-    assert kn.kl_full_to(full, logits).item() == pytest.approx(maintain, rel=1e-5)
-    assert kn.kl_full_to(full, full).item() == pytest.approx(0, abs=1e-6)
+    assert km.kl_uniform_to(logits).item() == pytest.approx(uniform, rel=1e-5)
+    assert km.kl_full_to(full, logits).item() == pytest.approx(maintain, rel=1e-5)
+    assert km.kl_full_to(full, full).item() == pytest.approx(0, abs=1e-6)
 
 
 def test_tail_tokens_and_their_predicting_positions(gpt2_tokenizer):
@@ -97,17 +97,17 @@ def test_tail_tokens_and_their_predicting_positions(gpt2_tokenizer):
     last = _encoded(gpt2_tokenizer, "last")
     assert last.rows.tolist() == [0, 1, 2] and (last.cols + 1).tolist() == data.attention_mask.sum(1).sub(1).tolist()
     with pytest.raises(ValueError, match="does not end with its tail"):
-        kn.tail_positions(gpt2_tokenizer, "A house is a building", "house", "all")
+        kd.tail_positions(gpt2_tokenizer, "A house is a building", "house", "all")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_top_blocks_equal_the_whole_model(arch, gpt2_tokenizer):
     model = _tiny(arch)
-    names, path, n_blocks, first = kn.top_block_targets(model, 2)
+    names, path, n_blocks, first = km.top_block_targets(model, 2)
     assert (n_blocks, first) == (3, 1) and len(names) == (8 if arch == "gpt2" else 14)
-    assert all(kn.block_index(n)[1] >= 1 for n in names)
+    assert all(km.block_index(n)[1] >= 1 for n in names)
     data = _encoded(gpt2_tokenizer)
-    top = kn.TopBlocks(model, first, path)
+    top = km.TopBlocks(model, first, path)
     data.h0 = top.inputs(data.input_ids, data.attention_mask)
     fm.apply(model, fm.MaskConfig(estimator="gumbel_sigmoid_st", targets=[n + "$" for n in names], seed=3))
     for layer in fm.masked_modules(model).values():
@@ -118,7 +118,7 @@ def test_top_blocks_equal_the_whole_model(arch, gpt2_tokenizer):
         with mode(model), torch.no_grad():
             whole = model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
             mine = top.head(top.hidden(data.input_ids, data.attention_mask, data.h0))
-            tail = kn._tail_logits(top, batch, full=False)
+            tail = km._tail_logits(top, batch, full=False)
         mask = data.attention_mask.bool()
         assert torch.allclose(mine[mask], whole[mask], rtol=1e-5, atol=1e-4)
         # predicted from the position before
@@ -127,22 +127,22 @@ def test_top_blocks_equal_the_whole_model(arch, gpt2_tokenizer):
 
 def test_each_loss_term_against_a_hand_computation(gpt2_tokenizer):
     model = _tiny("gpt2")
-    names, path, _, first = kn.top_block_targets(model, 2)
+    names, path, _, first = km.top_block_targets(model, 2)
     target, control = _encoded(gpt2_tokenizer), _encoded(gpt2_tokenizer, "last")
-    top = kn.TopBlocks(model, first, path)
+    top = km.TopBlocks(model, first, path)
     for data in (target, control):
         data.h0 = top.inputs(data.input_ids, data.attention_mask)
     text = " The cat sat on the mat and looked at the quiet street below."
     lm = torch.tensor(gpt2_tokenizer(text)["input_ids"])[None]
     lm_h0 = top.inputs(lm, torch.ones_like(lm))
-    control.full_hidden = kn.final_hidden(top, control.input_ids, control.attention_mask, control.h0, batch_size=2)
-    lm_full_hidden = kn.final_hidden(top, lm, torch.ones_like(lm), lm_h0, batch_size=2)
+    control.full_hidden = km.final_hidden(top, control.input_ids, control.attention_mask, control.h0, batch_size=2)
+    lm_full_hidden = km.final_hidden(top, lm, torch.ones_like(lm), lm_h0, batch_size=2)
     fm.apply(model, fm.MaskConfig(estimator="gumbel_sigmoid_st", init_logit=math.log(0.45 / 0.55),
                                   targets=[n + "$" for n in names], seed=5))
     for layer in fm.masked_modules(model).values():
         layer.train()
     fm.set_step(model, 7)  # the same sampled mask for every forward below
-    terms = kn.loss_terms(model, top, target.batch(range(3)), control.batch([2, 0]), lm, lm_h0, lm_full_hidden)
+    terms = km.loss_terms(model, top, target.batch(range(3)), control.batch([2, 0]), lm, lm_h0, lm_full_hidden)
 
     def probabilities(ids, mask, remaining):  # the plain model, no caching, float64 sums
         with torch.no_grad(), (fm.inverse(model) if remaining else fm.bypass(model)):
@@ -174,7 +174,7 @@ def test_random_subnetwork_has_the_same_size_per_layer():
         with torch.no_grad():
             layer.logits.copy_(torch.where(torch.rand(layer.logits.shape) < 0.03 * (i + 1), 3.0, -3.0))
     learned = {name: layer.gates().clone() for name, layer in layers.items()}
-    with kn.random_subnetwork(model, seed=1):
+    with km.random_subnetwork(model, seed=1):
         for name, layer in layers.items():
             gates = layer.gates()
             assert gates.sum() == learned[name].sum() and not torch.equal(gates, learned[name])
@@ -203,7 +203,7 @@ def test_released_sets_and_templates():
                                                             "Apple is a fruit", "Apple is fruit"]
     assert len(kd.candidate_sentences("apple", "fruit")) == 22
     examples = kd.paper_targetkg("magnitude.n.01", None, SHARED_DATA)
-    kn.choose_templates(examples, "lowest-ppl", lambda sentences: {s: len(s) + (s[0] == " ") for s in sentences})
+    kd.choose_templates(examples, "lowest-ppl", lambda sentences: {s: len(s) + (s[0] == " ") for s in sentences})
     for example in examples:  # the fake perplexity prefers the shortest sentence without a leading space
         assert example.sentence == min(example.candidates, key=lambda s: (len(s) + (s[0] == " "),
                                                                           example.candidates.index(s)))
@@ -223,7 +223,7 @@ def wordnet():
 def test_wordnet_targetkg_graph_and_counts(wordnet):
     assert wordnet.get_version() == "3.0" and len(wordnet._lexnames) == 45  # the rebuilt lexnames file
     for root in kd.PAPER_TARGETS:
-        built = kd.wordnet_targetkg(root, depth=2, ancestors=2, wn=wordnet)
+        built = kw.wordnet_targetkg(root, depth=2, ancestors=2, wn=wordnet)
         released = {(e.triplet.head, e.triplet.tail) for e in kd.paper_targetkg(root, None, SHARED_DATA)}
         assert released <= {(t.head, t.tail) for t in built}, root  # the paper's sets are samples of this graph
         synset = wordnet.synset(root)
@@ -233,22 +233,22 @@ def test_wordnet_targetkg_graph_and_counts(wordnet):
             {(g.name(), c.name()) for c in children for g in c.hyponyms()} | \
             {(root, ancestors[0].name()), (ancestors[0].name(), ancestors[1].name())}
         assert {(t.head, t.tail) for t in built} == expected and len(built) == len(expected)
-    assert len(kd.wordnet_targetkg("building.n.01", depth=1, ancestors=0, wn=wordnet)) == \
+    assert len(kw.wordnet_targetkg("building.n.01", depth=1, ancestors=0, wn=wordnet)) == \
         len(wordnet.synset("building.n.01").hyponyms()) == 52
     with pytest.raises(kd.DataError, match="not a WordNet 3.0 noun synset"):
-        kd.wordnet_targetkg("buildingz.n.01", wn=wordnet)
+        kw.wordnet_targetkg("buildingz.n.01", wn=wordnet)
 
 
 def test_wordnet_controlkg_avoids_the_target(wordnet):
-    target = kd.wordnet_targetkg("building.n.01", wn=wordnet)
+    target = kw.wordnet_targetkg("building.n.01", wn=wordnet)
     synsets = {s for t in target for s in (t.head, t.tail)}
-    control = kd.wordnet_controlkg(40, synsets, seed=3, wn=wordnet)
+    control = kw.wordnet_controlkg(40, synsets, seed=3, wn=wordnet)
     assert len(control) == 40 and len(set(control)) == 40
     assert not any(t.head in synsets or t.tail in synsets for t in control)
     for t in control[:10]:  # real hypernym edges of WordNet 3.0
         assert t.tail in {h.name() for h in wordnet.synset(t.head).hypernyms()}
-    assert kd.wordnet_controlkg(40, synsets, seed=3, wn=wordnet) == control
-    assert kd.wordnet_controlkg(40, synsets, seed=4, wn=wordnet) != control
+    assert kw.wordnet_controlkg(40, synsets, seed=3, wn=wordnet) == control
+    assert kw.wordnet_controlkg(40, synsets, seed=4, wn=wordnet) != control
 
 
 # --- the experiment end to end --------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def test_cli_end_to_end_on_a_tiny_gpt2(cli_run, tiny_gpt2_dir):
     history = runner.read_history(out / "history.csv")
     assert [row["step"] for row in history] == list(range(6))
     assert history[2]["targetkg_ppl_remaining"] is not None and history[0]["targetkg_ppl_remaining"] is None
-    assert [row["lambda_reg"] for row in history] == [kn.reg_lambda(s, 6) for s in range(6)]
+    assert [row["lambda_reg"] for row in history] == [kt.reg_lambda(s, 6) for s in range(6)]
     data = json.loads((out / "data.json").read_text())
     assert all(row["source"] == "lowest-ppl" for row in data["targetkg"])  # not a gpt2 hub name: chosen by PPL
     report = (out / "report.md").read_text()

@@ -219,7 +219,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(runner.os, "replace", failing_replace)
+    monkeypatch.setattr(runner.checkpoint.os, "replace", failing_replace)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(state, tmp_path / "step-00000008")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]  # no partial folder, no temp left

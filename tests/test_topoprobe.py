@@ -13,7 +13,10 @@ from conftest import SHARED_DATA
 import fastmask as fm
 from fastmask.cli import main
 from fastmask.demo import packaged_model_dir
-from fastmask.experiments import topoprobe
+from fastmask.experiments.topoprobe.config import TopoprobeConfig
+from fastmask.experiments.topoprobe.data import read_cola
+from fastmask.experiments.topoprobe.evaluate import finetune_run, summarise_finetuning
+from fastmask.experiments.topoprobe.train import spread_layers
 
 
 @pytest.fixture(scope="module")
@@ -114,16 +117,16 @@ def test_bad_input_is_refused_with_a_message(tiny_bert_dir, tmp_path, capsys):
     (tmp_path / "data" / "cola").mkdir(parents=True)
     (tmp_path / "data" / "cola" / "in_domain_train.tsv").write_text("gj04\t1\t\tfine\nonly two\tcolumns\n")
     with pytest.raises(ValueError, match=r"in_domain_train.tsv:2: expected 4 tab-separated columns"):
-        topoprobe.read_cola("in_domain_train.tsv", str(tmp_path / "data"))
+        read_cola("in_domain_train.tsv", str(tmp_path / "data"))
 
 
 def test_full_preset_and_spread_layers():
-    full = topoprobe.TopoprobeConfig(full=True).effective()
+    full = TopoprobeConfig(full=True).effective()
     assert full.finetune_seeds == [1, 5, 9, 13, 17, 21, 25, 29, 33, 37] and full.val_split == "test"
     assert full.probe_train_sentences == 0 and full.finetune_lr == 2e-5 and full.steps == 3 * 268
-    assert topoprobe.TopoprobeConfig().effective() == topoprobe.TopoprobeConfig()
-    assert topoprobe.spread_layers(6) == [2, 4, 6] and topoprobe.spread_layers(24) == [8, 16, 24]
-    summary = topoprobe.summarise_finetuning([
+    assert TopoprobeConfig().effective() == TopoprobeConfig()
+    assert spread_layers(6) == [2, 4, 6] and spread_layers(24) == [8, 16, 24]
+    summary = summarise_finetuning([
         {"layer": None, "mcc": 0.2, "mcc_per_batch": 0.1, "predicted_acceptable": 0.5},
         {"layer": None, "mcc": 0.4, "mcc_per_batch": 0.3, "predicted_acceptable": 0.7},
         {"layer": 3, "mcc": 0.5, "mcc_per_batch": 0.5, "predicted_acceptable": 0.6}])
@@ -141,11 +144,11 @@ def test_finetune_run_leaves_the_majority_class_and_trains_everything_but_word_e
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     rows = [(f"the {w} sat on the mat .", 1) for w in ("cat", "dog", "man", "boy", "girl", "bird")] * 4 + \
         [(f"mat the on sat {w} the", 0) for w in ("cat", "dog")] * 4
-    config = topoprobe.TopoprobeConfig(steps=40, batch_size=8, finetune_lr=1e-2, max_length=16, progress=False)
+    config = TopoprobeConfig(steps=40, batch_size=8, finetune_lr=1e-2, max_length=16, progress=False)
     assert not config.class_weighted  # the paper's plain CE
     torch.set_num_threads(1)
-    unit = topoprobe.finetune_run(str(tiny_bert_dir), tokenizer, rows, rows, None, 1, None, config,
-                                  torch.device("cpu"))
+    unit = finetune_run(str(tiny_bert_dir), tokenizer, rows, rows, None, 1, None, config,
+                        torch.device("cpu"))
     assert 0 < unit["predicted_acceptable"] < 1 and unit["mcc"] > 0.5, unit
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
     total = sum(p.numel() for p in model.parameters())

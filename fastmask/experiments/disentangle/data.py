@@ -20,18 +20,28 @@ sentences naming both or neither are dropped. The aspect words stay in the text 
 Correlation control: every split is drawn from disjoint pools of the four (factor A, factor B) cells so that a
 fraction ``agreement`` of its examples have label_A == label_B (0.5: independent and balanced; 0.8 / 0.2: the
 correlation of training data / its reversal, for the robustness test).
+
+A run's data: ``_load_splits`` (the setting's data cut into the train / probe / test / shifted splits of the config)
+and ``Encoded`` (a split's texts tokenised, and the cached input of the first masked block).
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..assets import data_path
+import numpy as np
+import torch
+
+from ...assets import data_path
+from ..runner import ConfigError
+from .config import DisentangleConfig
+
 
 TWEET_NOISE = re.compile(r"https?://\S+|@\w+|&amp;|&lt;|&gt;|\bRT\b")
 
@@ -63,8 +73,6 @@ class TwitterAAE:
     TOPICS = ("AA", "Hispanic", "Asian", "White")
 
     def __init__(self, folder: Path):
-        import numpy as np
-
         vocab = [line.split("\t")[-1].strip() for line in
                  (folder / "model_vocab.txt").read_text(encoding="utf-8").splitlines()]
         # str.split + one conversion: ~10x faster than np.loadtxt on the 192k x 4 table
@@ -180,8 +188,6 @@ def correlated_splits(data: FactorData, sizes: dict, agreements: dict, seed: int
     """{split name: FactorData} drawn without replacement (disjoint splits) from the cells of the first two factors,
     split s holding ``sizes[s]`` examples with agreement ``agreements[s]``. ValueError naming the cell when the
     data hold too few examples of it."""
-    import random
-
     rng = random.Random(seed)
     pools = {cell: [] for cell in ((0, 0), (0, 1), (1, 0), (1, 1))}
     for i, row in enumerate(data.labels):
@@ -241,8 +247,6 @@ class TripletSampler:
 
     def sample(self, anchors: Sequence[int], factor: int, step: int) -> tuple[list, list]:
         """(positives, negatives) for ``anchors`` under factor ``factor`` at training step ``step``."""
-        import random
-
         rng = random.Random((self.seed * 1_000_003 + step) * 31 + factor)
         groups = self.by_value[factor]
         positives, negatives = [], []
@@ -267,6 +271,42 @@ class TripletSampler:
         return positives, negatives
 
 
+# --- a run's splits, tokenised ------------------------------------------------------------------------------
+def _load_splits(config: DisentangleConfig) -> tuple:
+    if config.data == "reviews":
+        data = load_reviews(config.data_dir, limit=config.data_limit)
+    else:
+        data = load_tweets(config.data_dir, confidence=config.dialect_confidence, limit=config.data_limit)
+    sizes = {"train": config.train_size, "probe": config.probe_size, "test": config.test_size,
+             "shifted": config.shifted_size}
+    agreements = {"train": config.train_agreement, "probe": 0.5, "test": 0.5, "shifted": 1 - config.train_agreement}
+    try:
+        splits = correlated_splits(data, sizes, agreements, config.seed)
+    except ValueError as error:
+        raise ConfigError(f"train_size/probe_size/test_size/shifted_size: {error}") from None
+    return data, splits
+
+
+class Encoded:
+    """Token ids (padded to the longest text, cut at max_length) of a list of texts, and once set, ``h0``: the
+    input of the first masked block for every text (n, tokens, hidden; None: the masks cover every block)."""
+
+    def __init__(self, tokenizer, texts: Sequence[str], max_length: int):
+        batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        self.input_ids, self.attention_mask = batch["input_ids"], batch["attention_mask"]
+        self.h0 = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, indices, device):
+        """(input_ids, attention_mask, h0 or None) of ``indices``, trimmed to their longest text."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        mask = self.attention_mask[index]
+        width = max(int(mask.sum(1).max()), 1)
+        h0 = None if self.h0 is None else self.h0[index, :width].to(device)
+        return self.input_ids[index, :width].to(device), mask[:, :width].to(device), h0
+
+
 __all__ = ["FactorData", "TwitterAAE", "twitter_aae", "tweet_tokens", "load_tweets", "ASPECT_LEXICON", "review_aspect",
-           "load_reviews", "cell_counts", "correlated_splits",
-           "TripletSampler"]
+           "load_reviews", "cell_counts", "correlated_splits", "TripletSampler", "Encoded"]

@@ -1,11 +1,6 @@
-"""Data of the knowledge-critical subnetwork experiment: WordNet hypernym triplets, their verbalisations, the paper's
-released sets, template choice by perplexity, and LM text blocks.
-
-Knowledge graphs (Bayazit et al., EMNLP 2024). A triplet is (hyponym, IsA, hypernym) between WordNet 3.0 noun
-synsets. The TargetKG of a synset ``root`` is the hypernym tree below it to ``depth`` 2 (every edge whose hypernym
-is ``root`` or a direct hyponym of it) plus ``ancestors`` 2 edges up from ``root``; the paper's released TargetKGs
-(know-subnet data, 11-19 triplets each) are samples of exactly these graphs (tests check it for all seven). A
-ControlKG is other triplets: hypernym edges sampled from all of WordNet that touch no TargetKG synset.
+"""Data of the knowledge-critical subnetwork experiment: WordNet hypernym triplets (their graphs are built in
+``wordnet``), their verbalisations, the paper's released sets, template choice by perplexity, LM text blocks, and
+the tokenised sentences whose tail tokens are scored (``Encoded``).
 
 Verbalisation. Each triplet has candidate sentences ("A house is a kind of building", " House is a building", ...:
 with and without the head's article and a leading space, relations "is", "is a kind of", "is a sort of", "is a type
@@ -18,16 +13,17 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .. import assets
+import torch
+from tqdm.auto import tqdm
+
+from ... import assets
 
 RELATIONS = ("is", "is a kind of", "is a sort of", "is a type of", "is a hyponym of")
 PAPER_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # the released per-model template choices
-_PLAIN_NAME = re.compile(r"^[A-Za-z][A-Za-z_'-]*\.n\.\d\d$")
 
 
 class DataError(ValueError):
@@ -98,37 +94,7 @@ def fixed_example(triplet: Triplet) -> Example:
     return Example(triplet, candidates[0], tail, candidates, "fixed")
 
 
-# --- WordNet graphs -----------------------------------------------------------------------------------------
-def wordnet_targetkg(root: str, depth: int = 2, ancestors: int = 2, wn=None) -> list[Triplet]:
-    """The hypernym graph of ``root``: (hyponym, hypernym) for every hypernym at distance < ``depth`` below
-    ``root`` (breadth first, WordNet's order), then ``ancestors`` edges up along each first hypernym."""
-    wn = wn or assets.wordnet()
-    try:
-        start = wn.synset(root)
-    except Exception as error:  # nltk raises WordNetError / ValueError for unknown names
-        raise DataError(f"target: {root!r} is not a WordNet 3.0 noun synset ({error})") from None
-    if start.pos() != "n":
-        raise DataError(f"target: {root!r} is not a noun synset (pos {start.pos()!r})")
-    edges, seen, frontier = [], {start}, [start]
-    for _ in range(depth):
-        below = []
-        for synset in frontier:
-            for child in synset.hyponyms():
-                edges.append(Triplet(child.name(), synset.name()))
-                if child not in seen:
-                    seen.add(child)
-                    below.append(child)
-        frontier = below
-    synset = start
-    for _ in range(ancestors):
-        parents = synset.hypernyms()
-        if not parents:
-            break
-        edges.append(Triplet(synset.name(), parents[0].name()))
-        synset = parents[0]
-    return list(dict.fromkeys(edges))
-
-
+# --- subsets ------------------------------------------------------------------------------------------------
 def sample(items: Sequence, n: Optional[int], seed: int) -> list:
     """``n`` items drawn without replacement (all of them, in order, when n is None or >= len)."""
     items = list(items)
@@ -136,34 +102,6 @@ def sample(items: Sequence, n: Optional[int], seed: int) -> list:
         return items
     chosen = sorted(random.Random(seed).sample(range(len(items)), n))
     return [items[i] for i in chosen]
-
-
-def noun_hypernym_edges(wn=None) -> list[Triplet]:
-    """Every (noun, first-listed hypernyms) edge of WordNet 3.0 between plainly named synsets, cached as JSON in
-    $FASTMASK_CACHE/wordnet/ (listing 82k synsets takes a few seconds)."""
-    path = assets.cache_dir("wordnet") / "noun_hypernym_edges.json"
-    if path.is_file():
-        return [Triplet(h, t) for h, t in json.loads(path.read_text())]
-    wn = wn or assets.wordnet()
-    edges = []
-    for synset in wn.all_synsets("n"):
-        for parent in synset.hypernyms():
-            if _PLAIN_NAME.match(synset.name()) and _PLAIN_NAME.match(parent.name()):
-                edges.append((synset.name(), parent.name()))
-    edges.sort()
-    assets.atomic_write_text(path, json.dumps(edges))
-    return [Triplet(h, t) for h, t in edges]
-
-
-def wordnet_controlkg(n: int, exclude_synsets: set, exclude_triplets: set = frozenset(), seed: int = 0,
-                      wn=None) -> list[Triplet]:
-    """``n`` WordNet hypernym triplets sampled with ``seed`` that touch none of ``exclude_synsets`` (the TargetKG's)
-    and are not in ``exclude_triplets`` (e.g. the evaluation ControlKG)."""
-    pool = [t for t in noun_hypernym_edges(wn) if t.head not in exclude_synsets and t.tail not in exclude_synsets
-            and (t.head, t.tail) not in exclude_triplets]
-    if n > len(pool):
-        raise DataError(f"controlkg_size: only {len(pool)} WordNet triplets are available, asked for {n}")
-    return sample(pool, n, seed)
 
 
 # --- the released data (know-subnet) ------------------------------------------------------------------------
@@ -264,8 +202,6 @@ def wikitext_text(part: str, source: str = "auto", data_dir=None) -> tuple[str, 
 
 def lm_blocks(tokenizer, text: str, block_size: int, n_blocks: int):
     """The first ``n_blocks`` consecutive blocks of ``block_size`` tokens of ``text`` (an (n, block) LongTensor)."""
-    import torch
-
     needed = block_size * n_blocks
     ids: list[int] = []
     for paragraph in text.split("\n"):  # tokenized piecewise: fast, and never longer than the model's limit
@@ -286,7 +222,123 @@ def examples_from_json(rows: Sequence[dict]) -> list[Example]:
     return [Example.from_dict(r) for r in rows]
 
 
+# --- tokenised data ---------------------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    """Right-padded sentences with their scored tail tokens. Token ``gold[i]`` sits at position ``cols[i] + 1`` of
+    sentence ``rows[i]`` and is predicted by the logits at position ``cols[i]``."""
+
+    input_ids: object
+    attention_mask: object
+    rows: object
+    cols: object
+    gold: object
+    first_token: object  # True for the first scored token of each sentence (gold rank is taken there)
+    h0: object = None  # input of the first masked block, (N, T, H)
+    full_hidden: object = None  # final hidden states of the unmasked model, (N, T, H): the maintenance reference
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def batch(self, indices: Sequence[int]):
+        """(input_ids, attention_mask, h0, rows, cols, gold, first_token, full_hidden) of the sentences
+        ``indices``, trimmed to their longest sentence; rows renumbered within the batch."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        length = int(self.attention_mask[index].sum(dim=1).max())
+        position = torch.full((len(self),), -1, dtype=torch.long)
+        position[index] = torch.arange(len(index))
+        keep = position[self.rows] >= 0
+        return (self.input_ids[index, :length], self.attention_mask[index, :length],
+                None if self.h0 is None else self.h0[index, :length], position[self.rows[keep]], self.cols[keep],
+                self.gold[keep], self.first_token[keep],
+                None if self.full_hidden is None else self.full_hidden[index, :length])
+
+
+def tail_positions(tokenizer, sentence: str, tail_text: str, scope: str) -> tuple[list[int], list[int]]:
+    """(token ids of the sentence, positions of its scored tail tokens)."""
+    if not sentence.endswith(tail_text):
+        raise ValueError(f"sentence {sentence!r} does not end with its tail {tail_text!r}")
+    ids = _ids(tokenizer, sentence)
+    prefix_ids = _ids(tokenizer, sentence[:len(sentence) - len(tail_text)].rstrip(" "))
+    if scope == "all" and 0 < len(prefix_ids) < len(ids) and ids[:len(prefix_ids)] == prefix_ids:
+        return ids, list(range(len(prefix_ids), len(ids)))
+    return ids, [len(ids) - 1]  # the tail's last token (also when the tokenizer merges across the boundary)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with the tokenizer's leading special tokens (BOS) but no trailing EOS."""
+    ids = list(tokenizer(text)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if len(ids) > 1 and eos is not None and ids[-1] == eos and ids[0] != eos:
+        ids = ids[:-1]
+    return ids
+
+
+def encode(tokenizer, sentences: Sequence[str], tail_texts: Sequence[str], scope: str, pad_id: int) -> Encoded:
+    encoded = [tail_positions(tokenizer, s, t, scope) for s, t in zip(sentences, tail_texts)]
+    length = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), length), dtype=torch.long)
+    rows, cols, gold, first = [], [], [], []
+    for i, (ids, positions) in enumerate(encoded):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = 1
+        for j, p in enumerate(positions):
+            rows.append(i), cols.append(p - 1), gold.append(ids[p]), first.append(j == 0)
+    return Encoded(input_ids, attention, torch.tensor(rows), torch.tensor(cols), torch.tensor(gold),
+                   torch.tensor(first))
+
+
+# --- template choice ------------------------------------------------------------------------------------------
+def sentence_nll(model, tokenizer, sentences: Sequence[str], pad_id: int, batch_size: int, device,
+                 cache_key: Optional[str] = None, progress: bool = False) -> dict[str, float]:
+    """{sentence: mean NLL of its tokens after the first} under the (unmasked) model; results are cached in
+    $FASTMASK_CACHE/template-nll/<cache_key>.json so a model's choices are computed once per machine."""
+    cache_path = assets.cache_dir("template-nll") / f"{cache_key}.json" if cache_key else None
+    cache = json.loads(cache_path.read_text()) if cache_path and cache_path.is_file() else {}
+    todo = sorted({s for s in sentences if s not in cache}, key=len)
+    for number, start in enumerate(tqdm(range(0, len(todo), batch_size), desc="template perplexity",
+                                        disable=not progress or not todo, leave=False)):
+        chunk = todo[start:start + batch_size]
+        ids = [_ids(tokenizer, s) for s in chunk]
+        length = max(len(i) for i in ids)
+        batch = torch.full((len(ids), length), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for r, row in enumerate(ids):
+            batch[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
+        with torch.no_grad():
+            logits = model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch[:, 1:, None].to(device))[..., 0]
+        valid = mask[:, 1:].to(device).float()
+        nll = (-(logp * valid).sum(1) / valid.sum(1).clamp(min=1)).tolist()
+        cache.update(zip(chunk, nll))
+        if cache_path and (number % 16 == 15 or start + batch_size >= len(todo)):  # progress survives a kill
+            assets.atomic_write_text(cache_path, json.dumps(cache))
+    return {s: cache[s] for s in sentences}
+
+
+def choose_templates(examples, rule: str, nll_of) -> None:
+    """Set each example's sentence: "lowest-ppl" picks the candidate of lowest NLL (``nll_of(sentences)``)."""
+    if rule != "lowest-ppl":
+        return
+    scores = nll_of([c for e in examples for c in e.candidates])
+    for example in examples:
+        example.sentence = min(example.candidates, key=lambda s: (scores[s], example.candidates.index(s)))
+        example.source = "lowest-ppl"
+
+
+# --- what a run prepares before training --------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """Everything a run computes before training (saved to data.json, so a resumed run reuses it exactly)."""
+
+    target: list
+    control_train: list
+    control_eval: list
+    sources: dict
+
+
 __all__ = ["DataError", "Triplet", "Example", "RELATIONS", "PAPER_MODELS", "PAPER_TARGETS", "synset_text", "article",
-           "candidate_sentences", "fixed_example", "wordnet_targetkg", "noun_hypernym_edges", "wordnet_controlkg",
-           "sample", "paper_targetkg", "paper_controlkg_val", "paper_model_key", "detokenize_wikitext",
-           "wikitext_text", "lm_blocks", "examples_to_json", "examples_from_json"]
+           "candidate_sentences", "fixed_example", "sample", "paper_targetkg", "paper_controlkg_val", "paper_model_key",
+           "detokenize_wikitext", "wikitext_text", "lm_blocks", "examples_to_json", "examples_from_json", "Encoded",
+           "encode", "tail_positions", "sentence_nll", "choose_templates", "Prepared"]

@@ -1,0 +1,173 @@
+"""Orchestration of `fastmask run disentangle`: run_experiment (data, the unmasked baseline, the K masks trained
+under the runner's checkpoints, data parallel under torchrun, the evaluation against the baselines, the pruning
+sweep, the results folder), the sweep's training loop, and the command line (add_arguments, run_from_args)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import fastmask as fm
+
+from ... import distributed as fmd
+from ..runner import (BatchStream, ConfigError, TrainState, add_config_arguments, open_run, resolve_device, run_cli,
+                      seed_everything)
+from .config import EXPERIMENT, SPLITS, DisentangleConfig
+from .data import Encoded, TripletSampler, _load_splits
+from .evaluate import _mask_features, _unmasked_features, disentanglement_score, leakage_table, zero_fraction
+from .model import (StepLoss, _load_encoder, _masked_model, _optimizer, adversarial_features, finetuned_features,
+                    first_masked_block, step_loss)
+from .report import _plots, report_markdown
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+def _train_plain(model, optimizer, encoded_train, labels, sampler, stream, steps, config, device, desc):
+    """The sweep's training loop (no checkpoints: a sweep point is cheap to redo)."""
+    for step in tqdm(range(steps), desc=desc, disable=not config.progress, dynamic_ncols=True):
+        fm.set_step(model.encoder, step)
+        loss, _ = step_loss(model, encoded_train, labels, sampler, stream.next(), step, config, device)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite: bool = False, log=None) -> dict:
+    """Learn the K masks, evaluate them against the baselines, run the pruning sweep, write the results folder."""
+    # Data parallel under torchrun (as `fastmask run knowledge`): replicated masks and heads, DDP over a StepLoss
+    # module, every rank the global batch's triplets and its share of them; rank 0 owns the folder, evaluates and
+    # runs the sweep; the others stop after training.
+    run, rank, world = open_run(config, resume=resume, overwrite=overwrite, experiment=EXPERIMENT, log=log)
+    main = rank == 0
+    log = run.log
+    if world > 1:
+        if config.batch_size < world:
+            raise ConfigError(f"batch_size must be at least the {world} processes (each needs an anchor), got "
+                              f"{config.batch_size}")
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    fm.set_backend(config.backend)
+    started = time.perf_counter()
+    data, splits = _load_splits(config)
+    factors, values = data.factors, data.values
+    n_classes = [len(v) for v in values]
+    encoder, tokenizer, source = _load_encoder(config, device)
+    encoded = {s: Encoded(tokenizer, splits[s].texts, config.max_length) for s in SPLITS}
+    labels = {s: torch.tensor(splits[s].labels, dtype=torch.long) for s in SPLITS}
+    # The unmasked baseline: the original (unpruned) encoder; the same pass caches the masked blocks' inputs.
+    first = first_masked_block(encoder, config.top_blocks)
+    features = {"unmasked": _unmasked_features(encoder, encoded, first, config.eval_batch, device)}
+    setup_seconds = time.perf_counter() - started
+
+    model, pruned = _masked_model(encoder, config, n_classes, config.prune_sparsity)
+    model.to(device)
+    optimizer = _optimizer(model, config)
+    sampler = TripletSampler(splits["train"].labels, seed=config.seed, mode=config.triplet_sampling)
+    streams = {"train": BatchStream(len(encoded["train"]), config.batch_size, config.seed)}
+    params = {name: layer.logits for name, layer in fm.masked_modules(model.encoder).items()}
+    params.update({f"heads.{name}": p for name, p in model.heads.named_parameters()})
+    state = TrainState(params=params, optimizer=optimizer, model=model.encoder, streams=streams)
+    run.restore(state)
+
+    step_module = StepLoss(model, encoded["train"], labels["train"], sampler, config, device, rank, world)
+    if world > 1:
+        step_module = fmd.replicate(step_module)
+
+    def step_fn(step: int) -> dict:
+        fm.set_step(model.encoder, step)
+        loss, row = step_module(streams["train"].next(), step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if world > 1:  # the logged values are the global ones: the ranks' (weighted) values averaged
+            values = fmd.mean_over_ranks(torch.tensor(list(row.values()), dtype=torch.float64))
+            row = dict(zip(row, values.tolist()))
+        return row
+
+    train_started = time.perf_counter()
+    history = run.train(state, step_fn, show=("loss",))
+    train_seconds = time.perf_counter() - train_started
+    if not main:  # rank 0 evaluates, runs the sweep and writes the results
+        return {}
+    run.save_masks(model.encoder)
+
+    eval_started = time.perf_counter()
+    features.update(_mask_features(model, encoded, config.eval_batch, device))
+    for k in range(len(factors)):
+        transform = adversarial_features(features["unmasked"]["train"], labels["train"], k, config.adv_steps,
+                                         config.adv_lambda, config.seed + k)
+        features[f"adversarial_{k}"] = {s: transform(features["unmasked"][s]) for s in SPLITS}
+    if config.finetune_steps:
+        for k in range(len(factors)):
+            features[f"finetuned_{k}"] = finetuned_features(config, encoded, labels, k, n_classes, device)
+    leakage = leakage_table(features, labels, config.probe_l2)
+    robust = leakage_table(features, labels, config.probe_l2, train="train", test="shifted")
+    in_distribution = leakage_table(features, labels, config.probe_l2, train="train", test="test")
+    sparsity = fm.sparsity(model.encoder)
+    per_mask_sparsity = [s["overall"] for s in sparsity["per_mask"]]
+    eval_seconds = time.perf_counter() - eval_started
+
+    sweep = [{"prune_sparsity": config.prune_sparsity, "steps": config.steps,
+              "disentanglement": disentanglement_score(leakage, len(factors)),
+              "mask_sparsity": per_mask_sparsity, "leakage": {k: leakage[f"mask_{k}"] for k in range(len(factors))},
+              "zero_fraction": [zero_fraction(model.encoder, k) for k in range(len(factors))]}]
+    metrics = {
+        "experiment": EXPERIMENT, "model": config.model, "model_source": source,
+        "factors": list(factors), "values": [list(v) for v in values],
+        "data": {"raw_examples": len(data), "splits": {s: len(splits[s]) for s in SPLITS},
+                 "agreement": {s: (labels[s][:, 0] == labels[s][:, 1]).double().mean().item() for s in SPLITS}},
+        "leakage": leakage, "robustness_shifted": robust, "in_distribution_correlated_probe": in_distribution,
+        "chance": 0.5, "disentanglement": disentanglement_score(leakage, len(factors)),
+        "mask_sparsity": per_mask_sparsity, "pruned_fraction": (sum(pruned.values()) / len(pruned)) if pruned else 0.0,
+        "sweep": sweep, "final": history[-1] if history else {},
+        "seconds": {"setup": setup_seconds, "train": train_seconds, "evaluate": eval_seconds, "sweep": 0.0},
+        "hardware": {"device": str(device), "machine": platform.machine(), "processor": platform.processor(),
+                     "torch_threads": torch.get_num_threads()},
+    }
+
+    def write_results() -> None:  # after the main evaluation and after each sweep point: a stopped sweep keeps them
+        metrics["sweep"] = sorted(sweep, key=lambda row: row["prune_sparsity"])
+        run.write_metrics(metrics)
+        _plots(run, history, metrics)
+        run.write_report(report_markdown(config, metrics))
+
+    write_results()
+    sweep_started = time.perf_counter()
+    for s in config.sweep_sparsities:
+        if s == config.prune_sparsity:
+            continue
+        seed_everything(config.seed)
+        sweep_encoder, _, _ = _load_encoder(config, device)
+        sweep_model, _ = _masked_model(sweep_encoder, config, n_classes, s)
+        sweep_model.to(device)
+        _train_plain(sweep_model, _optimizer(sweep_model, config), encoded["train"], labels["train"], sampler,
+                     BatchStream(len(encoded["train"]), config.batch_size, config.seed), config.sweep_steps, config,
+                     device, desc=f"sweep {s:g}")
+        table = leakage_table(_mask_features(sweep_model, encoded, config.eval_batch, device, ("probe", "test")),
+                              labels, config.probe_l2)
+        sweep.append({"prune_sparsity": s, "steps": config.sweep_steps,
+                      "disentanglement": disentanglement_score(table, len(factors)),
+                      "mask_sparsity": [fm.sparsity(sweep_model.encoder, mask=k)["overall"]
+                                        for k in range(len(factors))],
+                      "zero_fraction": [zero_fraction(sweep_model.encoder, k) for k in range(len(factors))],
+                      "leakage": {k: table[f"mask_{k}"] for k in range(len(factors))}})
+        metrics["seconds"]["sweep"] = time.perf_counter() - sweep_started
+        write_results()
+
+    print(run.finished_message())
+    return metrics
+
+
+# --- command line -------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, DisentangleConfig)
+
+
+def run_from_args(args) -> int:
+    return run_cli(DisentangleConfig, run_experiment, args, EXPERIMENT)
+
+
+__all__ = ["run_experiment", "add_arguments", "run_from_args"]

@@ -1,0 +1,101 @@
+"""Model side of the topoprobe experiment: the frozen encoder whose layers are probed (optionally the subnetwork of
+fastmask masks) and the probe-regularised fine-tuning of a CoLA classifier (the training loop; its dev-set evaluation
+is in evaluate.py)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import fastmask as fm
+
+from ...probing import DepthProbe, probe_regulariser_loss
+from ..runner import BatchStream, seed_everything
+from .config import TopoprobeConfig
+from .data import _encode_cola
+
+
+# --- setup --------------------------------------------------------------------------------------------------
+def _quiet_transformers():
+    import transformers  # lazy: transformers takes seconds to import, and `fastmask run topoprobe --help` loads none
+
+    transformers.logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected
+
+
+def load_encoder(source: str, masks: Optional[str], device):
+    """(tokenizer, base encoder in eval mode). With ``masks``: the model class the masks were saved for is loaded,
+    patched by fm.load_masks (saved MaskConfig, eval-mode gates) and its base encoder returned."""
+    # lazy: the hub loaders of transformers take seconds to import, only worth it when a model is loaded
+    import transformers
+    from transformers import AutoModel, AutoTokenizer
+
+    _quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+    if masks is None:
+        return tokenizer, AutoModel.from_pretrained(source).to(device).eval()
+    meta = fm.io.read_mask_metadata(masks)
+    architecture = meta.get("fingerprint", {}).get("architecture")
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        model_class = AutoModel
+    model = model_class.from_pretrained(source)
+    fm.load_masks(model, masks)
+    return tokenizer, model.base_model.to(device).eval()
+
+
+# --- fine-tuning --------------------------------------------------------------------------------------------
+def finetune_model(source: str, tokenizer, train_rows, layer: Optional[int], seed: int, probe_init,
+                   config: TopoprobeConfig, device):
+    """The training half of one fine-tuning run on CoLA (``layer`` None: plain fine-tuning): cross-entropy, plus
+    ``config.probe_weight`` x the pseudo-label loss of a depth probe at ``layer`` (started from ``probe_init`` when
+    given). Returns (the classifier in eval mode, its training record: final losses, trainable parameters)."""
+    # lazy: the hub loaders of transformers take seconds to import, only worth it when a model is loaded
+    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+    _quiet_transformers()
+    seed_everything(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2).to(device)
+    if config.freeze_word_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    # CoLA is 70% acceptable: with plain CE a short run predicts the majority class for everything (MCC 0)
+    counts = torch.bincount(torch.tensor([r[1] for r in train_rows]), minlength=2).clamp(min=1).float()
+    class_weight = (counts.sum() / (2 * counts)).to(device) if config.class_weighted else None
+    probe = None
+    if layer is not None:
+        probe = DepthProbe(model.config.hidden_size, config.probe_rank).to(device)
+        if probe_init is not None:
+            with torch.no_grad():
+                probe.proj.copy_(probe_init.to(device))
+        params += list(probe.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.finetune_lr, eps=1e-8)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(0.1 * config.steps), config.steps)
+    stream = BatchStream(len(train_rows), config.batch_size, seed=seed)
+    losses, probe_losses = [], []
+    model.train()
+    for _ in range(config.steps):
+        rows = [train_rows[i] for i in stream.next()]
+        encoding, word_ids = _encode_cola(tokenizer, [r[0] for r in rows], config.max_length)
+        labels = torch.tensor([r[1] for r in rows], device=device)
+        out = model(**{k: v.to(device) for k, v in encoding.items()}, output_hidden_states=probe is not None)
+        ce = torch.nn.functional.cross_entropy(out.logits.float(), labels, weight=class_weight)
+        loss = ce
+        if probe is not None:
+            norms = probe(out.hidden_states[layer])
+            regulariser = probe_regulariser_loss(norms, (word_ids >= 0).to(device), labels,
+                                                 include_padding=config.include_padding)
+            loss = loss + config.probe_weight * regulariser
+            probe_losses.append(float(regulariser.detach()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(ce.detach()))
+    model.eval()
+    return model, {
+        "final_ce": float(sum(losses[-10:]) / len(losses[-10:])), "trainable_parameters": trainable,
+        "class_weighted": bool(config.class_weighted),
+        "final_probe_loss": float(sum(probe_losses[-10:]) / len(probe_losses[-10:])) if probe_losses else None}
