@@ -14,7 +14,7 @@ _OPS = ("uniform", "gate", "masked_linear", "l0_norm")
 
 def info() -> dict:
     """A JSON-serialisable description of the installation and of the backend each op uses per device."""
-    from . import _ext
+    from . import _ext  # here: `import fastmask` imports this module, and loads nothing of the extension (_ext's doc)
 
     status = _ext.load()
     devices = ["cpu"]

@@ -21,14 +21,28 @@ class GateParams:
     training: bool
     inverse: bool
 
+    @classmethod
+    def of(cls, estimator: str, seed: int, offset: int, beta: float, gamma: float, zeta: float, tau: float,
+           training: bool, inverse: bool) -> "GateParams":
+        """From the estimator's name, values as given (no checks, no casts: a symbolic ``offset`` under torch.compile
+        stays symbolic). fastmask.ops._common.make_params is the checked constructor of the ops."""
+        return cls(ESTIMATORS.index(estimator), seed, offset, beta, gamma, zeta, tau, training, inverse)
+
     @property
     def estimator_name(self) -> str:
         return ESTIMATORS[self.estimator]
 
+    def estimator_kwargs(self) -> dict:
+        """The estimator and its parameters (no noise position, no modes): the keywords of fastmask.ops.l0_norm."""
+        return dict(estimator=self.estimator_name, beta=self.beta, gamma=self.gamma, zeta=self.zeta, tau=self.tau)
+
     def ref_kwargs(self) -> dict:
-        """Keyword arguments of the fastmask.ref functions."""
-        return dict(estimator=self.estimator_name, seed=self.seed, offset=self.offset, beta=self.beta,
-                    gamma=self.gamma, zeta=self.zeta, tau=self.tau, training=self.training, inverse=self.inverse)
+        """Keyword arguments of the fastmask.ref functions and of the public ops (fastmask.ops.gate, masked_linear,
+        grouped_masked_linear, gated_units): the estimator's, the noise position and the modes."""
+        return dict(self.estimator_kwargs(), seed=self.seed, offset=self.offset, training=self.training,
+                    inverse=self.inverse)
+
+    op_kwargs = ref_kwargs
 
     def cpp_args(self) -> tuple:
         """Positional (estimator, seed, offset, beta, gamma, zeta, tau, training, inverse) of the C++ ops."""

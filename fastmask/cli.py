@@ -1,8 +1,8 @@
 """`fastmask` command line: `fastmask info`, `fastmask demo`, `fastmask run <experiment>`, `fastmask bench`.
 
 Each experiment is a module of `fastmask.experiments` exposing `add_arguments(parser)` and
-`run_from_args(args) -> int`; it is imported only when its command runs (or `--help` lists it), so a missing
-optional dependency of one experiment never breaks the others.
+`run_from_args(args) -> int`; it is imported only when the parser is built, each in its own try, so a missing
+optional dependency of one experiment never breaks the others (or `info`, `demo`, `bench`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
-import os
 import sys
+
+from . import demo
+from ._argtypes import NON_NEGATIVE_FLOAT, OUTPUT_DIR, POSITIVE_FLOAT, POSITIVE_INT, SEED, arg_type  # noqa: F401
+from ._info import format_info, info
+from .bench import cli as bench_cli
 
 # experiment name -> (module, one-line help). Add a row here to add `fastmask run <name>`.
 EXPERIMENTS = {
@@ -25,30 +28,6 @@ EXPERIMENTS = {
 }
 
 
-def arg_type(convert, test, expected: str):
-    """An argparse ``type=`` that converts a flag's text and checks it: a bad value is a usage error before any
-    work starts, e.g. "argument --lr: expected a finite number > 0, got 'nan'"."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except (TypeError, ValueError):
-            value = None
-        if value is None or not test(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    parse.__name__ = expected
-    return parse
-
-
-POSITIVE_INT = arg_type(int, lambda v: v >= 1, "an int >= 1")
-SEED = arg_type(int, lambda v: 0 <= v <= 2**63 - 1, "an int in [0, 2**63 - 1]")
-POSITIVE_FLOAT = arg_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-NON_NEGATIVE_FLOAT = arg_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-OUTPUT_DIR = arg_type(str, lambda v: bool(v) and not os.path.isfile(v), "a folder path (not an existing file)")
-
-
 def _experiment_module(name: str):
     module_name, _ = EXPERIMENTS[name]
     return importlib.import_module(module_name)
@@ -59,12 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info_parser = sub.add_parser("info", help="what is built, and the backend each op uses per device")
     info_parser.add_argument("--json", action="store_true", help="machine-readable output")
-    from . import demo
 
     demo_parser = sub.add_parser("demo", help="learn a sparse mask over a packaged pretrained encoder")
     demo.add_arguments(demo_parser)
-
-    from .bench import cli as bench_cli
 
     bench_parser = sub.add_parser("bench", help="benchmark suite: layer grid and GPT-2 steps; `bench report` for "
                                                 "the README table")
@@ -90,22 +66,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "info":
-        from ._info import format_info, info
-
         report = info()
         print(json.dumps(report, indent=2) if args.json else format_info(report))
         return 0
     if args.command == "demo":
-        from . import demo
-
         return demo.run_from_args(args)
     if args.command == "bench":
-        from .bench import cli as bench_cli
-
         return bench_cli.run_from_args(args)
     if args.command == "run":
         if getattr(args, "_unavailable", None):
             parser.error(args._unavailable)
+        # Here, not at the top: fastmask.experiments (and torch.distributed, which its runner loads) is imported
+        # only by build_parser, one experiment at a time, so that `from fastmask import cli` stays light.
         from .experiments.runner import ConfigError
 
         try:

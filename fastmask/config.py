@@ -11,28 +11,14 @@ for every layer, including GPT-2's Conv1D (whose (in, out) storage fastmask.nn.M
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Optional
 
-from .ref import ESTIMATORS
+from .ops._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA
+from .ops._validate import GRANULARITIES, check_mask_fields, subject
 
-GRANULARITIES = ("weight", "block", "unit_in", "unit_out", "head", "layer")
-
-_INT64_MAX = 2**63 - 1
-
-
-def _fail(name: str, expected: str, value: Any) -> ValueError:
-    return ValueError(f"MaskConfig.{name} must be {expected}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+_WHERE = "MaskConfig."  # messages name the field: "MaskConfig.seed must be ..."
 
 
 @dataclass
@@ -61,9 +47,9 @@ class MaskConfig:
     init_keep: Optional[float] = 0.9
     init_logit: Optional[float] = None
     beta: Optional[float] = None
-    gamma: float = -0.1
-    zeta: float = 1.1
-    tau: float = 0.0
+    gamma: float = DEFAULT_GAMMA
+    zeta: float = DEFAULT_ZETA
+    tau: float = DEFAULT_TAU
     n_masks: int = 1
     seed: int = 0
 
@@ -71,54 +57,27 @@ class MaskConfig:
         self.validate()
 
     def validate(self) -> "MaskConfig":
-        """Check every field (also called on construction); returns self. Errors name the field."""
-        if self.estimator not in ESTIMATORS:
-            raise _fail("estimator", f"one of {ESTIMATORS}", self.estimator)
-        if self.granularity not in GRANULARITIES:
-            raise _fail("granularity", f"one of {GRANULARITIES}", self.granularity)
-        block = self.block
-        if (not isinstance(block, (tuple, list)) or len(block) != 2
-                or not all(_is_int(b) and b >= 1 for b in block)):
-            raise _fail("block", "two positive ints (bh, bw)", block)
-        self.block = tuple(block)
+        """Check every field (also called on construction); returns self. Errors name the field. The checks are
+        MaskedLinear's own (fastmask.ops._validate.check_mask_fields), so a valid config builds valid layers."""
+        checked = check_mask_fields(_WHERE, **{
+            f.name: getattr(self, f.name) for f in fields(self) if f.name != "targets"})
+        for name, value in checked.items():
+            setattr(self, name, value)
         if self.targets is not None:
             if isinstance(self.targets, str):
                 self.targets = [self.targets]
             if not isinstance(self.targets, (list, tuple)) or not self.targets:
-                raise _fail("targets", "None or a non-empty list of regex strings", self.targets)
+                raise ValueError(f"{subject('targets', _WHERE)} must be None or a non-empty list of regex strings, "
+                                 f"got {self.targets!r}")
             self.targets = list(self.targets)
             for i, pattern in enumerate(self.targets):
                 if not isinstance(pattern, str):
-                    raise _fail(f"targets[{i}]", "a regex string", pattern)
+                    raise ValueError(f"{subject(f'targets[{i}]', _WHERE)} must be a regex string, got {pattern!r}")
                 try:
                     re.compile(pattern)
                 except re.error as exc:
-                    raise ValueError(f"MaskConfig.targets[{i}] is not a valid regex ({exc}): {pattern!r}") from None
-        if self.init_logit is not None:
-            if not _is_number(self.init_logit):
-                raise _fail("init_logit", "a finite number or None", self.init_logit)
-            self.init_logit = float(self.init_logit)
-        if self.init_keep is not None:
-            if not _is_number(self.init_keep) or not 0 < self.init_keep < 1:
-                raise _fail("init_keep", "a probability in (0, 1) or None", self.init_keep)
-            self.init_keep = float(self.init_keep)
-        if self.init_keep is None and self.init_logit is None:
-            raise ValueError("MaskConfig: set init_keep (a probability in (0, 1)) or init_logit")
-        if self.beta is not None:
-            if not _is_number(self.beta) or not self.beta > 0:
-                raise _fail("beta", "a positive number or None (the estimator's default)", self.beta)
-            self.beta = float(self.beta)
-        if not _is_number(self.gamma) or not self.gamma < 0:
-            raise _fail("gamma", "a negative number (hard-concrete stretch: gamma < 0 < 1 < zeta)", self.gamma)
-        if not _is_number(self.zeta) or not self.zeta > 1:
-            raise _fail("zeta", "a number > 1 (hard-concrete stretch: gamma < 0 < 1 < zeta)", self.zeta)
-        if not _is_number(self.tau):
-            raise _fail("tau", "a finite number", self.tau)
-        self.gamma, self.zeta, self.tau = float(self.gamma), float(self.zeta), float(self.tau)
-        if not _is_int(self.n_masks) or self.n_masks < 1:
-            raise _fail("n_masks", "a positive int", self.n_masks)
-        if not _is_int(self.seed) or not 0 <= self.seed <= _INT64_MAX:
-            raise _fail("seed", "an int in [0, 2**63 - 1]", self.seed)
+                    raise ValueError(f"{subject(f'targets[{i}]', _WHERE)} is not a valid regex ({exc}): "
+                                     f"{pattern!r}") from None
         return self
 
     # --- serialisation -------------------------------------------------------------------------------------

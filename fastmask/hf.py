@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import functools
 import math
 import operator
@@ -48,7 +47,8 @@ import torch
 from torch import nn
 
 from .config import MaskConfig
-from .nn.masked_linear import MaskedLinear, _is_conv1d, mask_index, masked_layers, set_mask_index, set_step
+from .nn.masked_linear import MaskedLinear, mask_index, masked_layers, set_mask_index, set_step
+from .nn.surgery import CONFIG_ATTR, block_index, block_key, layer_seed, linear_layers, mask_layers
 from .ops import l0_norm
 from .ops._common import is_dtensor
 
@@ -85,8 +85,6 @@ ARCHITECTURES: dict[str, tuple[tuple[str, str], ...]] = {
 MODEL_TYPES = {"bert": "bert", "roberta": "bert", "gpt2": "gpt2", "llama": "llama", "mistral": "llama",
                "qwen2": "llama"}
 HEAD_SIDE = {"attn_q": "out", "attn_k": "out", "attn_v": "out", "attn_qkv": "out", "attn_out": "in"}
-
-_SEED_MASK = 2**63 - 1
 
 
 # --- architecture -------------------------------------------------------------------------------------------
@@ -132,21 +130,10 @@ def head_dim(model: nn.Module) -> int:
     return hidden // heads
 
 
-def layer_seed(seed: int, name: str) -> int:
-    """Noise seed of layer ``name``: the first 63 bits of sha256(f"{seed}:{name}"). Depends on the name only, so
-    the noise of a layer does not change when other layers are (un)targeted."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & _SEED_MASK
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
 def find_targets(model: nn.Module, config: MaskConfig) -> list[tuple[str, nn.Module]]:
     """(name, layer) of the nn.Linear / Conv1D layers ``config`` targets in ``model``, in module order."""
     targets = config.targets if config.targets is not None else default_targets(model, config.granularity)
-    linear = [(name, module) for name, module in model.named_modules() if name and _is_linear_like(module)]
+    linear = linear_layers(model)
     compiled = [re.compile(t) for t in targets]
 
     def matches(pattern, name, module):
@@ -189,9 +176,9 @@ def apply(model: nn.Module, config: Optional[MaskConfig] = None, **overrides) ->
     chosen = find_targets(model, config)
     kwargs = config.module_kwargs()
     dim = head_dim(model) if config.granularity == "head" else None
-    plan = []
+    plan = {}  # name -> MaskedLinear keyword arguments, all checked before the model changes
     for name, module in chosen:
-        layer_kwargs = dict(kwargs, seed=layer_seed(config.seed, name))
+        layer_kwargs = plan[name] = dict(kwargs, seed=layer_seed(config.seed, name))
         if config.granularity == "head":
             role = layer_role(family, name)
             if role not in HEAD_SIDE:
@@ -199,28 +186,9 @@ def apply(model: nn.Module, config: Optional[MaskConfig] = None, **overrides) ->
                                  f"({type(module).__name__}, role {role or 'unknown'}) is not one. Target the "
                                  f"attention output / q, k, v projections only")
             layer_kwargs.update(head_dim=dim, head_side=HEAD_SIDE[role])
-        plan.append((name, module, layer_kwargs))
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    masked = [(name, MaskedLinear.from_module(module, **layer_kwargs)) for name, module, layer_kwargs in plan]
-    for name, layer in masked:  # all built before any swap: a bad layer leaves the model untouched
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
-        layer.train(model.training)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, layer in masked:
-        layer.logits.requires_grad_(True)
-    model.fastmask_config = config
-    model._fastmask_requires_grad = requires_grad
+    mask_layers(model, chosen, lambda name, module: MaskedLinear.from_module(module, **plan[name]), freeze=True)
+    setattr(model, CONFIG_ATTR, config)
     return model
-
-
-def block_index(name: str) -> tuple[str, int]:
-    """("model.layers", 25) for "model.layers.25.self_attn.q_proj": the block list and the block of a layer."""
-    match = re.search(r"^(.*?)\.(\d+)\.", name)
-    if match is None:
-        raise ValueError(f"cannot find a block index in layer name {name!r}")
-    return match.group(1), int(match.group(2))
 
 
 def block_list(model: nn.Module) -> tuple[str, int, list[str]]:
@@ -233,6 +201,20 @@ def block_list(model: nn.Module) -> tuple[str, int, list[str]]:
         raise ValueError(f"expected one list of transformer blocks in {type(model).__name__}, found {sorted(paths)}")
     path = paths.pop()
     return path, len(model.get_submodule(path)), names
+
+
+def role_groups(model: nn.Module, roles, family: Optional[str] = None
+                ) -> dict[str, dict[str, tuple[str, nn.Module]]]:
+    """{block ("h.3", ``block_key``): {role: (name, layer)}} of the linear layers, masked or not, whose role (for
+    ``family``, default the model's) is one of ``roles``: the layers that belong together in a transformer block
+    (an MLP's in / out, a head's q and output projection)."""
+    family = model_family(model) if family is None else family
+    groups: dict[str, dict[str, tuple[str, nn.Module]]] = {}
+    for name, module in linear_layers(model, masked=True):
+        role = layer_role(family, name)
+        if role in roles:
+            groups.setdefault(block_key(name), {})[role] = (name, module)
+    return groups
 
 
 def _require_masked(model: nn.Module, where: str) -> dict[str, MaskedLinear]:
@@ -254,7 +236,7 @@ def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 # --- penalties and statistics -------------------------------------------------------------------------------
 def _layer_l0(layer: MaskedLinear, weighted: bool, mask: Optional[int]) -> torch.Tensor:
-    kwargs = dict(beta=layer.beta, gamma=layer.gamma, zeta=layer.zeta, estimator=layer.estimator, tau=layer.tau)
+    kwargs = layer.gate_params().estimator_kwargs()
     logits = layer._of_mask(layer.logits, layer.check_mask(mask, "fastmask.l0_penalty"))
     if not weighted:
         return l0_norm(logits, **kwargs)
@@ -370,5 +352,5 @@ def bypass(model: nn.Module):
 
 
 __all__ = ["ARCHITECTURES", "MODEL_TYPES", "apply", "default_targets", "find_targets", "layer_role", "layer_seed",
-           "head_dim", "model_family", "masked_modules", "mask_parameters", "l0_penalty", "sparsity", "inverse",
-           "bypass", "set_step", "mask_index", "set_mask_index"]
+           "head_dim", "model_family", "role_groups", "block_index", "block_key", "block_list", "masked_modules",
+           "mask_parameters", "l0_penalty", "sparsity", "inverse", "bypass", "set_step", "mask_index", "set_mask_index"]

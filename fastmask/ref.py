@@ -33,19 +33,29 @@ Conventions shared by every backend (see DESIGN.md):
   Eval (``training=False``): hard_concrete ``clamp(sigmoid(l) (zeta - gamma) + gamma, 0, 1)``;
   gumbel_sigmoid_st and bernoulli_st ``[sigmoid(l) > 0.5]`` (i.e. ``[l > 0]``); threshold_st as in training.
   ``u`` is clamped to ``[UNIFORM_EPS, 1 - UNIFORM_EPS]`` before ``logit(u)`` so no log(0) ever happens.
+* Arguments: the forward references take the gate keywords of the public ops (those of ``gate_ref``; keyword-only,
+  so ``ref.masked_linear_ref(x, W, l, **kw)`` and ``fm.ops.masked_linear(x, W, l, **kw)`` read alike); the backward
+  references and the masked weights of a stack take one ``fastmask._params.GateParams`` (what the op layer's
+  backends hold) and keyword-only flags. Products are taken in ``compute_dtype`` and rounded once
+  (``apply_gates`` for W * m and dWm * m).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:  # fastmask._params imports this module (ESTIMATORS): a type only here
+    from ._params import GateParams
+
 __all__ = [
     "ESTIMATORS",
     "compute_dtype",
+    "apply_gates",
     "UNIFORM_EPS",
     "philox_first_word",
     "uniform_ref",
@@ -64,6 +74,7 @@ __all__ = [
     "gated_units_backward_ref",
     "reduce_units",
     "mask_offset",
+    "mask_params",
     "grouped_masked_weight_ref",
     "grouped_masked_linear_ref",
     "grouped_masked_linear_backward_ref",
@@ -137,9 +148,15 @@ def uniform_ref(shape: Sequence[int], seed: int, offset: int = 0, device=None) -
     return _uint32_to_uniform(philox_first_word(seed, counters)).reshape(tuple(shape))
 
 
-def compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    """Gate math runs in float32, or in float64 when the logits are float64 (for gradcheck)."""
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64, every other float dtype computes in float32: the dtype of the gate math (of logits;
+    float64 for gradcheck) and of the products and sums taken before rounding once (of weights, activations)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its compute dtype."""
+    return t.to(compute_dtype(t))
 
 
 def _logistic_noise(l: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
@@ -181,14 +198,15 @@ def _gate_and_slope(logits, estimator, seed, offset, beta, gamma, zeta, tau, tra
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
 
 
-def gate_ref(logits, estimator="hard_concrete", seed=0, offset=0, beta=2 / 3, gamma=-0.1, zeta=1.1, tau=0.0,
+def gate_ref(logits, *, estimator="hard_concrete", seed=0, offset=0, beta=2 / 3, gamma=-0.1, zeta=1.1, tau=0.0,
              training=True, inverse=False) -> torch.Tensor:
-    """Gates z in [0, 1] (compute dtype, shaped like ``logits``) of the given estimator."""
+    """Gates z in [0, 1] (compute dtype, shaped like ``logits``) of the given estimator. Its keywords (the gate
+    keywords of the public ops) are those of every forward reference below (``**gate``)."""
     z, _ = _gate_and_slope(logits, estimator, seed, offset, beta, gamma, zeta, tau, training)
     return 1 - z if inverse else z
 
 
-def gate_backward_ref(grad_gates, logits, estimator="hard_concrete", seed=0, offset=0, beta=2 / 3, gamma=-0.1,
+def gate_backward_ref(grad_gates, logits, *, estimator="hard_concrete", seed=0, offset=0, beta=2 / 3, gamma=-0.1,
                       zeta=1.1, tau=0.0, training=True, inverse=False) -> torch.Tensor:
     """d(loss)/d(logits) in the compute dtype given d(loss)/d(gates); regenerates the noise from (seed, offset)."""
     _, slope = _gate_and_slope(logits, estimator, seed, offset, beta, gamma, zeta, tau, training)
@@ -214,12 +232,19 @@ def reduce_to_grid(values: torch.Tensor, block: Sequence[int], grid_shape: Seque
     return padded.reshape(*lead, gr, bh, gc, bw).sum(dim=(-3, -1))
 
 
-def masked_weight_ref(weight, logits, block, estimator="hard_concrete", seed=0, offset=0, beta=2 / 3, gamma=-0.1,
-                      zeta=1.1, tau=0.0, training=True, inverse=False) -> torch.Tensor:
-    """W * m in the weight's dtype and layout (the product is taken in float32, or float64, and rounded once)."""
-    gates = gate_ref(logits, estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
-    mask = expand_gates(gates, block, weight.shape)
-    return (_upcast(weight) * mask.to(_upcast(weight).dtype)).to(weight.dtype)
+def apply_gates(values: torch.Tensor, gates: torch.Tensor, block: Sequence[int]) -> torch.Tensor:
+    """``values * m``, m the gate grid ``gates`` (..., GR, GC) expanded to values' (R, C) (``expand_gates``; leading
+    dimensions of the gates, the K masks of a grouped layer, broadcast): the product taken in the compute dtype of
+    ``values`` and rounded once to their dtype. The masked weight W * m and the weight's gradient dWm * m of every
+    backend that builds them with torch ops."""
+    up = _upcast(values)
+    return (up * expand_gates(gates, block, values.shape).to(up.dtype)).to(values.dtype)
+
+
+def masked_weight_ref(weight, logits, block, **gate) -> torch.Tensor:
+    """W * m in the weight's dtype and layout (the product is taken in float32, or float64, and rounded once);
+    ``gate``: the keywords of ``gate_ref``."""
+    return apply_gates(weight, gate_ref(logits, **gate), block)
 
 
 def flatten_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -228,45 +253,36 @@ def flatten_tokens(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    """float64 stays float64; every other float dtype computes in float32."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
 def _as_out_in(weight_like: torch.Tensor, weight_layout: str) -> torch.Tensor:
     return weight_like if weight_layout == "out_in" else weight_like.t()
 
 
-def masked_linear_ref(x, weight, logits, bias=None, estimator="hard_concrete", seed=0, offset=0, training=True,
-                      inverse=False, weight_layout="out_in", block=(1, 1), beta=2 / 3, gamma=-0.1, zeta=1.1,
-                      tau=0.0) -> torch.Tensor:
-    """y = x (W * m)^T + b, with W stored as (out, in) (``out_in``, nn.Linear) or (in, out) (``in_out``, Conv1D)."""
-    wm = masked_weight_ref(weight, logits, block, estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
+def masked_linear_ref(x, weight, logits, bias=None, *, weight_layout="out_in", block=(1, 1), **gate) -> torch.Tensor:
+    """y = x (W * m)^T + b, with W stored as (out, in) (``out_in``, nn.Linear) or (in, out) (``in_out``, Conv1D);
+    ``gate``: the keywords of ``gate_ref``."""
+    wm = masked_weight_ref(weight, logits, block, **gate)
     return F.linear(x, _as_out_in(wm, weight_layout), bias)
 
 
-def masked_linear_backward_ref(grad_out, x, weight, logits, bias=None, estimator="hard_concrete", seed=0, offset=0,
-                               training=True, inverse=False, weight_layout="out_in", block=(1, 1), beta=2 / 3,
-                               gamma=-0.1, zeta=1.1, tau=0.0, needs_weight_grad=False):
-    """Gradients (grad_x, grad_weight, grad_logits, grad_bias) of ``masked_linear_ref``.
+def masked_linear_backward_ref(grad_out, x, weight, logits, p: GateParams, *, has_bias=False, weight_layout="out_in",
+                               block=(1, 1), needs_weight_grad=False):
+    """Gradients (grad_x, grad_weight, grad_logits, grad_bias) of ``masked_linear_ref`` with the gates ``p``.
 
-    grad_weight is None unless ``needs_weight_grad``; grad_bias is None when ``bias`` is None.
+    grad_weight is None unless ``needs_weight_grad``; grad_bias (grad_out's dtype) is None unless ``has_bias``.
     The mask gradient dWm = dy^T x is accumulated in float32, as the fused kernels do.
     """
-    gates = gate_ref(logits, estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
-    mask = expand_gates(gates, block, weight.shape)
-    wm = (_upcast(weight) * mask.to(_upcast(weight).dtype)).to(weight.dtype)
-    grad_x = (grad_out @ _as_out_in(wm, weight_layout)).to(x.dtype)
+    gate = p.ref_kwargs()
+    gates = gate_ref(logits, **gate)
+    grad_x = (grad_out @ _as_out_in(apply_gates(weight, gates, block), weight_layout)).to(x.dtype)
 
     dy2 = _upcast(flatten_tokens(grad_out))
     x2 = _upcast(flatten_tokens(x))
     grad_wm = _as_out_in(dy2.t() @ x2, weight_layout)  # in the weight's layout, float32 (float64)
     per_weight = (grad_wm * _upcast(weight)).to(gates.dtype)
     grad_gates = reduce_to_grid(per_weight, block, logits.shape)
-    grad_logits = gate_backward_ref(grad_gates, logits, estimator, seed, offset, beta, gamma, zeta, tau,
-                                    training, inverse).to(logits.dtype)
-    grad_weight = (grad_wm * mask.to(grad_wm.dtype)).to(weight.dtype) if needs_weight_grad else None
-    grad_bias = dy2.sum(0).to(bias.dtype) if bias is not None else None
+    grad_logits = gate_backward_ref(grad_gates, logits, **gate).to(logits.dtype)
+    grad_weight = apply_gates(grad_wm, gates, block).to(weight.dtype) if needs_weight_grad else None
+    grad_bias = dy2.sum(0).to(grad_out.dtype) if has_bias else None
     return grad_x, grad_weight, grad_logits, grad_bias
 
 
@@ -294,16 +310,15 @@ def unit_dim(axis: str, weight_layout: str) -> int:
     return 1 if (axis == "in") == (weight_layout == "out_in") else 0
 
 
-def gated_units_ref(x, logits, group: int, bias=None, estimator="hard_concrete", seed=0, offset=0, training=True,
-                    inverse=False, beta=2 / 3, gamma=-0.1, zeta=1.1, tau=0.0) -> torch.Tensor:
+def gated_units_ref(x, logits, group: int, bias=None, **gate) -> torch.Tensor:
     """y = x * z[feature // group] + bias along the last dimension of x: one gate per ``group`` consecutive
-    features (the last group may be partial), gate j drawing ``uniform(seed, offset + j)`` as in ``gate_ref``.
+    features (the last group may be partial), gate j drawing ``uniform(seed, offset + j)`` as in ``gate_ref``
+    (``gate``: its keywords).
 
     The product is taken in float32 (float64) and rounded once to x's dtype. This is how unit, head and layer
     masks run without a masked weight: input units gate x before the GEMM, output units gate its result.
     """
-    gates = gate_ref(logits.reshape(-1), estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
-    return scale_units(x, gates, group, bias)
+    return scale_units(x, gate_ref(logits.reshape(-1), **gate), group, bias)
 
 
 def scale_units(x, gates, group: int, bias=None) -> torch.Tensor:
@@ -317,16 +332,16 @@ def scale_units(x, gates, group: int, bias=None) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def gated_units_backward_ref(grad_out, x, logits, group: int, has_bias=False, estimator="hard_concrete", seed=0,
-                             offset=0, training=True, inverse=False, beta=2 / 3, gamma=-0.1, zeta=1.1, tau=0.0):
-    """(grad_x, grad_logits, grad_bias) of ``gated_units_ref``: grad_x = dy * z, d(gate j) = the float32 (float64)
-    sum over tokens and over the group's features of dy * x, then the estimator's slope; grad_bias = sum_t dy."""
+def gated_units_backward_ref(grad_out, x, logits, group: int, p: GateParams, *, has_bias=False):
+    """(grad_x, grad_logits, grad_bias) of ``gated_units_ref`` with the gates ``p``: grad_x = dy * z, d(gate j) =
+    the float32 (float64) sum over tokens and over the group's features of dy * x, then the estimator's slope;
+    grad_bias = sum_t dy (None unless ``has_bias``)."""
     flat_logits = logits.reshape(-1)
-    gates = gate_ref(flat_logits, estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
+    gate = p.ref_kwargs()
+    gates = gate_ref(flat_logits, **gate)
     grad_x = scale_units(grad_out, gates, group)
     grad_gates = reduce_units(_upcast(grad_out) * _upcast(x), group, gates.shape[0])[0].to(gates.dtype)
-    grad_logits = gate_backward_ref(grad_gates, flat_logits, estimator, seed, offset, beta, gamma, zeta, tau,
-                                    training, inverse)
+    grad_logits = gate_backward_ref(grad_gates, flat_logits, **gate)
     grad_bias = _upcast(flatten_tokens(grad_out)).sum(0) if has_bias else None
     return grad_x, grad_logits.reshape(logits.shape).to(logits.dtype), grad_bias
 
@@ -362,62 +377,65 @@ def _rows_of_mask(x, index, mask: int, n_masks: int):
     return (index == mask).nonzero().flatten()
 
 
-def grouped_masked_linear_ref(x, weight, logits, bias=None, index=None, estimator="hard_concrete", seed=0, offset=0,
-                              training=True, inverse=False, weight_layout="out_in", block=(1, 1), beta=2 / 3,
-                              gamma=-0.1, zeta=1.1, tau=0.0) -> torch.Tensor:
+def grouped_masked_linear_ref(x, weight, logits, bias=None, index=None, *, weight_layout="out_in", block=(1, 1),
+                              offset=0, **gate) -> torch.Tensor:
     """K masked linear layers over one weight: row b of x (its leading dimension) uses mask ``index[b]``.
 
     ``logits`` is a stack (K, GR, GC) of gate grids. ``index`` (LongTensor (x.shape[0],), values in [0, K)) or
     None: x.shape[0] is K equal contiguous groups, group k using mask k. By definition this equals K separate
     ``masked_linear_ref`` calls, mask k with offset ``mask_offset(offset, k, GR * GC)`` (this loop over the K
-    masks is the oracle of the grouped op, which runs them as one batched product).
+    masks is the oracle of the grouped op, which runs them as one batched product). ``offset``, ``gate``: the
+    keywords of ``gate_ref``.
     """
     n_masks, n_gates = logits.shape[0], logits[0].numel()
     y = None
     for k in range(n_masks):
         rows = _rows_of_mask(x, index, k, n_masks)
-        y_k = masked_linear_ref(x[rows], weight, logits[k], bias, estimator, seed, mask_offset(offset, k, n_gates),
-                                training, inverse, weight_layout, block, beta, gamma, zeta, tau)
+        y_k = masked_linear_ref(x[rows], weight, logits[k], bias, weight_layout=weight_layout, block=block,
+                                offset=mask_offset(offset, k, n_gates), **gate)
         if y is None:
             y = y_k.new_zeros(*x.shape[:-1], y_k.shape[-1])
         y[rows] = y_k
     return y
 
 
-def grouped_masked_linear_backward_ref(grad_out, x, weight, logits, bias=None, index=None, estimator="hard_concrete",
-                                       seed=0, offset=0, training=True, inverse=False, weight_layout="out_in",
-                                       block=(1, 1), beta=2 / 3, gamma=-0.1, zeta=1.1, tau=0.0,
-                                       needs_weight_grad=False):
-    """Gradients (grad_x, grad_weight, grad_logits (K, GR, GC), grad_bias) of ``grouped_masked_linear_ref``: per
-    mask, ``masked_linear_backward_ref`` over that mask's rows; the shared weight and bias sum their gradients."""
+def mask_params(p: GateParams, mask: int, n_gates: int) -> GateParams:
+    """The gate parameters of mask ``mask`` of a stack of K grids of ``n_gates`` gates each: ``p`` at the mask's
+    offset (``mask_offset``)."""
+    return dataclasses.replace(p, offset=mask_offset(p.offset, mask, n_gates))
+
+
+def grouped_masked_linear_backward_ref(grad_out, x, weight, logits, p: GateParams, *, index=None, has_bias=False,
+                                       weight_layout="out_in", block=(1, 1), needs_weight_grad=False):
+    """Gradients (grad_x, grad_weight, grad_logits (K, GR, GC), grad_bias) of ``grouped_masked_linear_ref`` with the
+    gates ``p``: per mask, ``masked_linear_backward_ref`` over that mask's rows; the shared weight and bias sum
+    their gradients (in float32, or float64). grad_weight is None unless ``needs_weight_grad``, grad_bias (grad_out's
+    dtype) None unless ``has_bias``."""
     n_masks, n_gates = logits.shape[0], logits[0].numel()
     grad_x = torch.zeros_like(x)
     grad_logits = torch.zeros_like(logits)
-    grad_weight = torch.zeros_like(weight, dtype=_upcast(weight).dtype) if needs_weight_grad else None
-    grad_bias = torch.zeros_like(bias, dtype=_upcast(bias).dtype) if bias is not None else None
+    grad_weight = torch.zeros_like(weight, dtype=compute_dtype(weight)) if needs_weight_grad else None
+    grad_bias = grad_out.new_zeros(grad_out.shape[-1], dtype=compute_dtype(grad_out)) if has_bias else None
     for k in range(n_masks):
         rows = _rows_of_mask(x, index, k, n_masks)
         gx, gw, gl, gb = masked_linear_backward_ref(
-            grad_out[rows], x[rows], weight, logits[k], bias, estimator, seed, mask_offset(offset, k, n_gates),
-            training, inverse, weight_layout, block, beta, gamma, zeta, tau, needs_weight_grad)
+            grad_out[rows], x[rows], weight, logits[k], mask_params(p, k, n_gates), has_bias=has_bias,
+            weight_layout=weight_layout, block=block, needs_weight_grad=needs_weight_grad)
         grad_x[rows] = gx
         grad_logits[k] = gl
         if needs_weight_grad:
             grad_weight += gw
-        if bias is not None:
+        if has_bias:
             grad_bias += gb
     return (grad_x, None if grad_weight is None else grad_weight.to(weight.dtype), grad_logits,
-            None if grad_bias is None else grad_bias.to(bias.dtype))
+            None if grad_bias is None else grad_bias.to(grad_out.dtype))
 
 
-def grouped_masked_weight_ref(weight, logits, block, estimator="hard_concrete", seed=0, offset=0, beta=2 / 3,
-                              gamma=-0.1, zeta=1.1, tau=0.0, training=True, inverse=False) -> torch.Tensor:
-    """The K masked weights (K, R, C) of a stack of gate grids (K, GR, GC), in the weight's dtype and layout: mask
-    k is ``masked_weight_ref(weight, logits[k], ..., offset=mask_offset(offset, k, GR * GC))`` (one gate draw
-    over the stack: its flat index is the noise counter)."""
-    gates = gate_ref(logits, estimator, seed, offset, beta, gamma, zeta, tau, training, inverse)
-    mask = expand_gates(gates, block, weight.shape)
-    return (_upcast(weight) * mask.to(_upcast(weight).dtype)).to(weight.dtype)
+def grouped_masked_weight_ref(weight, logits, block, p: GateParams) -> torch.Tensor:
+    """The K masked weights (K, R, C) of a stack of gate grids (K, GR, GC) with the gates ``p``, in the weight's
+    dtype and layout: mask k is ``masked_weight_ref(weight, logits[k], ..., offset=mask_offset(offset, k, GR * GC))``
+    (one gate draw over the stack: its flat index is the noise counter)."""
+    return apply_gates(weight, gate_ref(logits, **p.ref_kwargs()), block)
 
 
 def _l0_shift(beta: float, gamma: float, zeta: float) -> float:
@@ -456,7 +474,7 @@ def l0_norm_backward_ref(grad, logits, estimator="hard_concrete", beta=2 / 3, ga
     return (grad.to(l.dtype) * slope).to(logits.dtype)
 
 
-def masked_linear_naive(x, weight, logits, bias=None, estimator="hard_concrete", seed=0, offset=0, training=True,
+def masked_linear_naive(x, weight, logits, bias=None, *, estimator="hard_concrete", seed=0, offset=0, training=True,
                         inverse=False, weight_layout="out_in", block=(1, 1), beta=2 / 3, gamma=-0.1, zeta=1.1,
                         tau=0.0) -> torch.Tensor:
     """The way masks are learned by hand today: sample gates with torch ops, ``F.linear(x, W * z)``, autograd.

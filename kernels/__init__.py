@@ -1,8 +1,10 @@
 """fastmask.kernels: the Triton backend of fastmask (installed as ``fastmask.kernels``).
 
-The functions below are the backend interface the op layer (fastmask/ops/_backend.py) calls:
-fused masked-linear GEMMs (masked_linear.py) and elementwise Philox / gate kernels (uniform.py, gate.py).
-On CPU tensors they run only under the Triton interpreter (TRITON_INTERPRET=1), which the tests use.
+The functions below are what the Triton backend (TritonBackend in fastmask/ops/_backend.py) calls: fused
+masked-linear GEMMs (masked_linear.py) and elementwise Philox / gate kernels (uniform.py, gate.py). This package
+imports nothing from fastmask (it sits below it): the gate parameters arrive as a GateParams-like object, and
+deterministic mode as an argument. On CPU tensors the kernels run only under the Triton interpreter
+(TRITON_INTERPRET=1), which the tests use.
 """
 
 from .gate import gate_backward, gate_forward, grouped_masked_weight, masked_weight

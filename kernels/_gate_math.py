@@ -48,7 +48,8 @@ def param_bits(p) -> tuple[int, int, int, int]:
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """Gate math in float32, or float64 for float64 logits (fastmask.ref.compute_dtype)."""
+    """float64 stays float64, every other float dtype computes in float32 (fastmask.ref.compute_dtype, which this
+    package cannot import): the gate math of logits, the product W * m before rounding, the GEMM accumulators."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 

@@ -182,12 +182,12 @@ def _masked_weights(weight, stack, block, p, tile, gates):
         gates = gate_forward(stack, p)  # the whole stack: one noise stream, one launch
     cuda = weight.device.type == "cuda"
     block_r, block_c, num_warps = tile or (MASKED_WEIGHT_TILE if cuda else (16, 16, 1))
-    w_up = torch.float64 if weight.dtype == torch.float64 else torch.float32
     with device_guard(weight):
         _masked_weight_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c), n_masks)](
             weight, gates if use_grid else stack, out, rows, cols, grid_c, grid_r * grid_c, weight.stride(0),
             weight.stride(1), p.seed, p.offset, *param_bits(p), BH=int(block[0]), BW=int(block[1]),
-            DEP_R=grid_r > 1, DEP_C=grid_c > 1, COMPUTE=tl_dtype(compute_dtype(stack)), W_UP=tl_dtype(w_up),
-            ESTIMATOR=int(p.estimator), TRAINING=bool(p.training), INVERSE=bool(p.inverse), GATE_GRID=use_grid,
-            INTERPRET=_INTERPRET_MW, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+            DEP_R=grid_r > 1, DEP_C=grid_c > 1, COMPUTE=tl_dtype(compute_dtype(stack)),
+            W_UP=tl_dtype(compute_dtype(weight)), ESTIMATOR=int(p.estimator), TRAINING=bool(p.training),
+            INVERSE=bool(p.inverse), GATE_GRID=use_grid, INTERPRET=_INTERPRET_MW, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=num_warps)
     return out

@@ -10,13 +10,14 @@ atomics only where a block spans tiles) and grad_weight: dWm never reaches memor
 Limits: strategy="auto" writes W * m once (weight dtype) and calls cuBLAS for y and grad_x instead, since that
 was measured faster on an H100 (policy below); fp64 has no tensor-core path (broadcast-multiply reduction:
 gradcheck sizes); atomics make the d(logits) summation order non-deterministic, so deterministic mode
-(fastmask.set_deterministic) runs ``_mask_grad_fixed_order`` wherever the kernel would use them.
+(fastmask.set_deterministic: the caller passes ``fixed_order_mask_grad``) runs ``_mask_grad_fixed_order`` wherever
+the kernel would use them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -24,7 +25,12 @@ import triton.language as tl
 
 from ._gate_math import NO_SPECIALIZE, _cast, _f64_param, _gates_at, _grid_gate_slope, _mma, compute_dtype, \
     device_guard, interpreted, param_bits, tl_dtype
-from .gate import gate_backward, gate_forward, grid_shape, masked_weight
+from .gate import gate_forward, grid_shape, masked_weight
+
+# (grad_wm, weight, logits, block, p, needs_weight_grad, needs_masked_weight) -> (grad_logits, grad_weight or None,
+# W * m or None): the mask gradient from dWm (R, C) in the accumulator dtype, summed in a fixed order (the Triton
+# backend's mask_grad in fastmask/ops/_backend.py: torch block sums around the gate kernels of this package).
+MaskGradFromDwm = Callable[..., tuple]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,10 +308,6 @@ def _input_precision(dtype: torch.dtype):
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -343,14 +345,13 @@ def _masked_gemm(a: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, ga
         q_div, q_mul, dep_q, p_div, p_mul, dep_p = bw, 1, grid_c > 1, bh, grid_c, grid_r > 1
     cfg = config or _gemm_config(a.dtype, a.device, tokens)
     grid = (triton.cdiv(tokens, cfg.block_a) * triton.cdiv(p_size, cfg.block_b),)
-    w_up = torch.float64 if weight.dtype == torch.float64 else torch.float32
     with device_guard(a):
         _masked_gemm_kernel[grid](
             a, weight, gates if gates is not None else logits, bias if bias is not None else out, out, tokens,
             p_size, q_size, a.stride(0), a.stride(1), stride_wq, stride_wp, out.stride(0), out.stride(1), q_mul,
             p_mul, p.seed, p.offset, *param_bits(p),
             Q_DIV=q_div, P_DIV=p_div, DEP_Q=dep_q, DEP_P=dep_p, COMPUTE=tl_dtype(compute_dtype(logits)),
-            W_UP=tl_dtype(w_up), ACC=tl_dtype(_acc_dtype(a.dtype)), ESTIMATOR=int(p.estimator),
+            W_UP=tl_dtype(compute_dtype(weight)), ACC=tl_dtype(compute_dtype(a)), ESTIMATOR=int(p.estimator),
             TRAINING=bool(p.training), INVERSE=bool(p.inverse), HAS_BIAS=bias is not None,
             GATE_GRID=gates is not None, USE_DOT=a.dtype != torch.float64, INPUT_PRECISION=_input_precision(a.dtype),
             INTERPRET=_INTERPRET_GEMM, BLOCK_M=cfg.block_a, BLOCK_P=cfg.block_b,
@@ -368,8 +369,10 @@ def _group(block_size: int, dep: bool, dim: int, tile: int) -> tuple[int, bool]:
 
 
 def _mask_grad(grad_out, x, weight, logits, block, in_out: bool, p, needs_weight_grad: bool,
-               config: Optional[GemmConfig]):
-    """(grad_logits, grad_weight or None) from the fused dWm GEMM with its d(logits) epilogue."""
+               config: Optional[GemmConfig], fixed_order_mask_grad: Optional[MaskGradFromDwm]):
+    """(grad_logits, grad_weight or None) from the fused dWm GEMM with its d(logits) epilogue; where that epilogue
+    would sum with atomic adds and ``fixed_order_mask_grad`` is given (deterministic mode), the fixed-order
+    fallback instead."""
     rows, cols = weight.shape
     bh, bw, grid_r, grid_c = grid_shape(weight, logits, block)
     a, b = (x, grad_out) if in_out else (grad_out, x)
@@ -391,8 +394,8 @@ def _mask_grad(grad_out, x, weight, logits, block, in_out: bool, p, needs_weight
         gl = torch.empty((grid_r, grid_c), dtype=logits.dtype, device=logits.device)
     if rows * cols == 0:
         return gl.zero_().to(logits.dtype), grad_weight
-    if use_atomic and _deterministic_mode():
-        return _mask_grad_fixed_order(a, b, weight, logits, block, p, needs_weight_grad)
+    if use_atomic and fixed_order_mask_grad is not None:
+        return _mask_grad_fixed_order(a, b, weight, logits, block, p, needs_weight_grad, fixed_order_mask_grad)
     grid = (triton.cdiv(rows, cfg.block_a) * triton.cdiv(cols, cfg.block_b),)
     with device_guard(a):
         _mask_grad_kernel[grid](
@@ -400,7 +403,7 @@ def _mask_grad(grad_out, x, weight, logits, block, in_out: bool, p, needs_weight
             grid_c, a.stride(0), a.stride(1), b.stride(0), b.stride(1), weight.stride(0), weight.stride(1),
             p.seed, p.offset, *param_bits(p),
             BH=bh, BW=bw, DEP_R=dep_r, DEP_C=dep_c, G_R=g_r, G_C=g_c, USE_ATOMIC=use_atomic,
-            NEED_GW=needs_weight_grad, COMPUTE=tl_dtype(compute), ACC=tl_dtype(_acc_dtype(a.dtype)),
+            NEED_GW=needs_weight_grad, COMPUTE=tl_dtype(compute), ACC=tl_dtype(compute_dtype(a)),
             ESTIMATOR=int(p.estimator), TRAINING=bool(p.training), INVERSE=bool(p.inverse),
             USE_DOT=a.dtype != torch.float64, INPUT_PRECISION=_input_precision(a.dtype),
             INTERPRET=_INTERPRET_GRAD, BLOCK_R=cfg.block_a,
@@ -409,23 +412,14 @@ def _mask_grad(grad_out, x, weight, logits, block, in_out: bool, p, needs_weight
     return gl.to(logits.dtype), grad_weight
 
 
-def _deterministic_mode() -> bool:
-    from fastmask.ops._modes import is_deterministic  # the package's switch (fm.set_deterministic)
-
-    return is_deterministic()
-
-
-def _mask_grad_fixed_order(a, b, weight, logits, block, p, needs_weight_grad: bool):
+def _mask_grad_fixed_order(a, b, weight, logits, block, p, needs_weight_grad: bool,
+                           mask_grad_from_dwm: MaskGradFromDwm):
     """Deterministic mode's stand-in for an atomic _mask_grad launch, same results up to rounding: dWm = A^T B by
-    one library GEMM in the accumulator dtype, the block sums by a fixed-order torch reduction, the slopes by the
-    gate kernel. Costs what the fused epilogue saves: dWm (R x C, float32) in memory once."""
-    from fastmask.ref import reduce_to_grid
-
-    acc = _acc_dtype(a.dtype)
+    one library GEMM in the accumulator dtype, then ``mask_grad_from_dwm`` (block sums in a fixed order, the slopes
+    by the gate kernel). Costs what the fused epilogue saves: dWm (R x C, float32) in memory once."""
+    acc = compute_dtype(a)
     grad_wm = a.to(acc).t() @ b.to(acc)  # (R, C): the weight's layout
-    per_weight = (grad_wm * weight.to(acc)).to(compute_dtype(logits))
-    grad_logits = gate_backward(reduce_to_grid(per_weight, block, logits.shape), logits, p)
-    grad_weight = masked_weight(grad_wm, logits, block, p).to(weight.dtype) if needs_weight_grad else None
+    grad_logits, grad_weight, _ = mask_grad_from_dwm(grad_wm, weight, logits, block, p, needs_weight_grad, False)
     return grad_logits.to(logits.dtype), grad_weight
 
 
@@ -459,17 +453,20 @@ def masked_linear_forward(x: torch.Tensor, weight: torch.Tensor, logits: torch.T
 
 def masked_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor,
                            has_bias: bool, block: tuple[int, int], in_out: bool, p, needs_input_grad: bool,
-                           needs_weight_grad: bool, *, strategy: str = "auto", config: Optional[GemmConfig] = None,
+                           needs_weight_grad: bool, *, fixed_order_mask_grad: Optional[MaskGradFromDwm] = None,
+                           strategy: str = "auto", config: Optional[GemmConfig] = None,
                            grad_config: Optional[GemmConfig] = None):
     """(grad_x, grad_weight, grad_logits, grad_bias) of masked_linear_forward (fastmask.ref semantics).
 
     grad_x = grad_out (W * m) as in the forward (``strategy``); grad_logits and grad_weight come from the fused
-    dWm kernel (dWm never reaches memory); grad_bias = grad_out.sum(0)."""
+    dWm kernel (dWm never reaches memory); grad_bias = grad_out.sum(0). ``fixed_order_mask_grad`` (deterministic
+    mode; None: atomic adds allowed): the mask gradient from dWm (``MaskGradFromDwm``), run instead of the fused
+    kernel where that kernel would sum d(logits) with atomic adds (gate blocks spanning tiles)."""
     logits = logits.contiguous()
     grad_x = None
     if needs_input_grad:
         grad_x = _masked_matmul(grad_out, weight, logits, None, block, not in_out, p, x.dtype, strategy, config)
     grad_logits, grad_weight = _mask_grad(grad_out, x, weight, logits, block, in_out, p, needs_weight_grad,
-                                          grad_config)
-    grad_bias = grad_out.sum(0, dtype=_acc_dtype(grad_out.dtype)).to(grad_out.dtype) if has_bias else None
+                                          grad_config, fixed_order_mask_grad)
+    grad_bias = grad_out.sum(0, dtype=compute_dtype(grad_out)).to(grad_out.dtype) if has_bias else None
     return grad_x, grad_weight, grad_logits, grad_bias

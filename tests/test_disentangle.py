@@ -15,7 +15,10 @@ import torch
 
 import fastmask as fm
 from fastmask.experiments import disentangle as dis
+from fastmask.experiments.blocks import EncodedTexts, block_list, top_blocks
 from fastmask.experiments.disentangle import config as dc, data as dd, evaluate as de, model as dm
+from fastmask.experiments.runner import ConfigError
+from fastmask.probing import linear_probe_accuracy
 
 from conftest import SHARED_DATA
 
@@ -190,7 +193,7 @@ def test_grouped_forward_equals_k_separate_single_mask_passes(tiny_bert_dir, est
             layer.train(training)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     texts = ["a good day", "this is bad news for everyone", "ok", "what", "so so", "never again, really"]
-    data = dd.Encoded(tokenizer, texts, max_length=16)
+    data = EncodedTexts.from_texts(tokenizer, texts, max_length=16)
     ids, mask, h0 = data.batch(range(6), "cpu")
     assert h0 is None
     z = model.grouped(ids, mask)
@@ -213,10 +216,10 @@ def test_top_block_masks_from_cached_block_inputs_equal_the_whole_encoder(tiny_b
     from transformers import AutoTokenizer
 
     encoder = _encoder(tiny_bert_dir)
-    first = dm.first_masked_block(encoder, 1)
-    assert first == 1 and dm.first_masked_block(encoder, 0) == 0 and dm.mask_targets(encoder, 0) is None
-    with pytest.raises(dm.ConfigError, match="top_blocks"):
-        dm.first_masked_block(encoder, 3)
+    first = top_blocks(encoder, 1, "top_blocks")[2]
+    assert first == 1 and top_blocks(encoder, 0, "top_blocks")[2] == 0 and dm.mask_targets(encoder, 0) is None
+    with pytest.raises(ConfigError, match="top_blocks"):
+        top_blocks(encoder, 3, "top_blocks")
     fm.apply(encoder, fm.MaskConfig(estimator="threshold_st", n_masks=2, targets=dm.mask_targets(encoder, first)))
     assert sorted(fm.masked_modules(encoder)) == sorted(
         f"encoder.layer.1.{n}" for n in ("attention.self.query", "attention.self.key", "attention.self.value",
@@ -227,7 +230,8 @@ def test_top_block_masks_from_cached_block_inputs_equal_the_whole_encoder(tiny_b
             layer.logits.copy_(torch.randn(layer.logits.shape, generator=gen))
     model = dm.DisentangleModel(encoder, [2, 2], first)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    data = dd.Encoded(tokenizer, ["a good day", "this is bad news for everyone", "ok", "what"], max_length=16)
+    data = EncodedTexts.from_texts(tokenizer, ["a good day", "this is bad news for everyone", "ok", "what"],
+                                   max_length=16)
     features = de._unmasked_features(encoder, {"x": data}, first, batch=3, device="cpu")
     assert data.h0.shape == (4, data.input_ids.shape[1], 32)
     ids, mask, h0 = data.batch([1, 3], "cpu")
@@ -240,11 +244,46 @@ def test_top_block_masks_from_cached_block_inputs_equal_the_whole_encoder(tiny_b
                                    rtol=1e-4, atol=1e-5)
     ids4, mask4, h04 = data.batch([1, 3, 1, 3], "cpu")
     torch.testing.assert_close(model.grouped(ids4, mask4, h04), model.grouped(ids4, mask4), rtol=1e-4, atol=1e-5)
-    blocks = encoder.get_submodule(dm.encoder_blocks(encoder)[0])
+    blocks = encoder.get_submodule(block_list(encoder)[0])
     assert all(type(b).__name__ != "PassThrough" for b in blocks)  # the lower blocks are back
     # the gradient reaches the masks of the top block only through the cached path too
     model.grouped(ids4, mask4, h04).sum().backward()
     assert all(layer.logits.grad is not None for layer in fm.masked_modules(encoder).values())
+
+
+def test_block_inputs_one_way_cached_on_disk(tiny_bert_dir, tmp_path, monkeypatch):
+    """The input of the first masked block: the pre-hook that stops the forward gives the whole forward's hidden state
+    there; batched and trimmed per batch (zeros after each text) it agrees with the full-width batches; cached under
+    the weights and the tokens, a second call reads it back bit for bit without running the model."""
+    from transformers import AutoTokenizer
+
+    from fastmask.experiments.blocks import TopBlocks, block_inputs
+    from fastmask.experiments.runner import weights_key
+
+    monkeypatch.setenv("FASTMASK_CACHE", str(tmp_path))
+    encoder = _encoder(tiny_bert_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    data = EncodedTexts.from_texts(tokenizer, ["a good day", "this is bad news for everyone", "ok", "what", "so so"],
+                                   max_length=16)
+    top = TopBlocks(encoder, 1, block_list(encoder)[0])
+    with torch.no_grad():
+        whole = encoder(input_ids=data.input_ids, attention_mask=data.attention_mask, output_hidden_states=True)
+    torch.testing.assert_close(top.inputs(data.input_ids, data.attention_mask), whole.hidden_states[1])
+    key = weights_key(encoder, "tiny")
+    trimmed = block_inputs(top, data.input_ids, data.attention_mask, 2, "cpu", key, trim=True)
+    full = block_inputs(top, data.input_ids, data.attention_mask, 2, "cpu", key)
+    real = data.attention_mask.bool()
+    torch.testing.assert_close(trimmed[real], full[real], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full, whole.hidden_states[1])
+    assert (trimmed[2:4, 3:] == 0).all()  # rows 2, 3 ("ok", "what") ran in a batch of width 3
+    assert len(list((tmp_path / "block-inputs").glob("*.safetensors"))) == 2  # trimmed and full: two entries
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the cached block inputs were computed again")
+
+    monkeypatch.setattr(top, "inputs", no_forward)
+    assert torch.equal(block_inputs(top, data.input_ids, data.attention_mask, 2, "cpu", key, trim=True), trimmed)
+    assert torch.equal(block_inputs(top, data.input_ids, data.attention_mask, 2, "cpu", key), full)
 
 
 def test_magnitude_pruning_removes_an_exact_fraction_globally_or_per_layer(tiny_bert_dir):
@@ -320,9 +359,9 @@ def test_adversarial_removal_hides_the_other_factor():
     x[:, 1] += 3 * labels[:, 1]
     keep = dm.adversarial_features(x[:200], labels[:200], factor=0, steps=100, strength=1.0, seed=0)
     removed_without = dm.adversarial_features(x[:200], labels[:200], factor=0, steps=100, strength=0.0, seed=0)
-    other = [de.probe_accuracy(f(x[:200]), labels[:200, 1], f(x[200:]), labels[200:, 1])
+    other = [linear_probe_accuracy(f(x[:200]), labels[:200, 1], f(x[200:]), labels[200:, 1])
              for f in (keep, removed_without)]
-    own = de.probe_accuracy(keep(x[:200]), labels[:200, 0], keep(x[200:]), labels[200:, 0])
+    own = linear_probe_accuracy(keep(x[:200]), labels[:200, 0], keep(x[200:]), labels[200:, 0])
     assert own > 0.85
     assert other[0] < other[1] - 0.1  # gradient reversal removes the other factor that plain training keeps
 

@@ -64,7 +64,8 @@ def test_gated_units_matches_oracle(device, backend, lead, features, group, dtyp
     # The reference formulas of ref.py, forward and backward, are the same functions.
     want_y = ref.gated_units_ref(x, logits, group, bias, **kw)
     torch.testing.assert_close(got[0], want_y, rtol=0, atol=0 if backend == "reference" else 1e-6)
-    want_gx, want_gl, want_gb = ref.gated_units_backward_ref(grad_out, x, logits, group, has_bias=True, **kw)
+    params = fm.ops._common.make_params(gamma=-0.1, zeta=1.1, tau=0.0, where="test", **kw)
+    want_gx, want_gl, want_gb = ref.gated_units_backward_ref(grad_out, x, logits, group, params, has_bias=True)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(got[1], want_gx, **tol)
     torch.testing.assert_close(got[2], want_gl, rtol=1e-5, atol=1e-5)

@@ -67,6 +67,12 @@ def _separate(x, weight, logits, bias, index, block, layout, **kwargs):
     return y
 
 
+def _params(estimator="hard_concrete", seed=0, offset=0, beta=None, training=True, inverse=False):
+    """The GateParams of the ops' gate keywords (the backward references take one)."""
+    beta = fm.ops._common.default_beta(estimator, beta)
+    return fm.ops._common.make_params(estimator, seed, offset, beta, -0.1, 1.1, 0.0, training, inverse, "test")
+
+
 def _reference(x, weight, logits, bias, index, block, layout, **kwargs):
     """fastmask.ref's K-pass oracle as an autograd function of (x, logits, bias) (its own backward)."""
 
@@ -80,8 +86,9 @@ def _reference(x, weight, logits, bias, index, block, layout, **kwargs):
         @staticmethod
         def backward(ctx, grad):
             x, logits, bias = ctx.saved_tensors
-            gx, _, gl, gb = ref.grouped_masked_linear_backward_ref(grad, x, weight, logits, bias, index,
-                                                                   weight_layout=layout, block=block, **kwargs)
+            gx, _, gl, gb = ref.grouped_masked_linear_backward_ref(grad, x, weight, logits, _params(**kwargs),
+                                                                   index=index, has_bias=bias is not None,
+                                                                   weight_layout=layout, block=block)
             return gx, gl, gb
 
     return Loop.apply(x, logits, bias)
@@ -149,8 +156,10 @@ def test_grouped_matches_the_fp64_loop_oracle_in_bf16(device, backend, estimator
         assert_within_pytorch_error(o, want, base, f"{estimator}/{name}")
     fwd = ref.grouped_masked_linear_ref(*f64[:4], index, **kwargs)  # the reference module's own loop
     torch.testing.assert_close(fwd, oracle[0])
-    gx, gw, gl, gb = ref.grouped_masked_linear_backward_ref(f64[4], *f64[:4], index, needs_weight_grad=True,
-                                                            **kwargs)
+    params = _params(estimator=estimator, seed=3, offset=11, beta=beta)
+    gx, gw, gl, gb = ref.grouped_masked_linear_backward_ref(f64[4], *f64[:3], params, index=index, has_bias=True,
+                                                            weight_layout="out_in", block=block,
+                                                            needs_weight_grad=True)
     for got, want in zip((gx, gl, gb, gw), (oracle[1], oracle[2], oracle[3], oracle[4])):
         torch.testing.assert_close(got, want)
 

@@ -119,7 +119,7 @@ def test_load_refuses_newer_formats_and_mismatched_files(tmp_path):
 
 
 def test_files_are_safetensors_and_json_and_writes_are_atomic(tmp_path, monkeypatch):
-    import fastmask.io as io
+    import fastmask.io.files as io_files
 
     model = apply(_gpt2(), MaskConfig(granularity="unit_out"))
     path = save_masks(model, tmp_path / "run.safetensors")  # the stem form: run.safetensors + run.json
@@ -137,7 +137,7 @@ def test_files_are_safetensors_and_json_and_writes_are_atomic(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(io, "fingerprint", broken)  # fails after the new masks were written to a temporary file
+    monkeypatch.setattr(io_files, "_file_sha256", broken)  # fails after the new masks were written to a temporary file
     with pytest.raises(RuntimeError, match="disk full"):
         save_masks(model, tmp_path / "run.safetensors")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old files intact, no temporaries

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import fastmask as fm
 from fastmask import assets
 from fastmask.experiments import knowledge as kn
+from fastmask.experiments.blocks import block_index, top_blocks
 from fastmask.experiments.knowledge import data as kd, model as km, train as kt, wordnet as kw
 from fastmask.experiments import runner
 
@@ -103,9 +104,9 @@ def test_tail_tokens_and_their_predicting_positions(gpt2_tokenizer):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_top_blocks_equal_the_whole_model(arch, gpt2_tokenizer):
     model = _tiny(arch)
-    names, path, n_blocks, first = km.top_block_targets(model, 2)
+    path, n_blocks, first, names = top_blocks(model, 2, "top_k_layers")
     assert (n_blocks, first) == (3, 1) and len(names) == (8 if arch == "gpt2" else 14)
-    assert all(km.block_index(n)[1] >= 1 for n in names)
+    assert all(block_index(n)[1] >= 1 for n in names)
     data = _encoded(gpt2_tokenizer)
     top = km.TopBlocks(model, first, path)
     data.h0 = top.inputs(data.input_ids, data.attention_mask)
@@ -127,7 +128,7 @@ def test_top_blocks_equal_the_whole_model(arch, gpt2_tokenizer):
 
 def test_each_loss_term_against_a_hand_computation(gpt2_tokenizer):
     model = _tiny("gpt2")
-    names, path, _, first = km.top_block_targets(model, 2)
+    path, _, first, names = top_blocks(model, 2, "top_k_layers")
     target, control = _encoded(gpt2_tokenizer), _encoded(gpt2_tokenizer, "last")
     top = km.TopBlocks(model, first, path)
     for data in (target, control):

@@ -213,3 +213,17 @@ def test_set_backend_rejects_unknown_and_unavailable():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="not available"):
             fm.set_backend("cuda")
+
+
+def test_every_backend_implements_the_whole_backend_interface():
+    """MaskBackend's methods are stubs: a backend class that forgot one would inherit a method returning None."""
+    from fastmask.ops import _backend
+
+    methods = {name for name, value in vars(_backend.MaskBackend).items() if callable(value)
+               and not name.startswith("_")}
+    assert {"uniform", "gate_forward", "gate_backward", "masked_linear_forward", "masked_linear_backward",
+            "grouped_masked_weight", "mask_grad", "grouped_masked_linear_backward"} <= methods
+    for name, backend in _backend._INSTANCES.items():
+        assert _backend.MaskBackend in type(backend).__mro__ and backend.name == name
+        inherited = {m for m in methods if getattr(type(backend), m) is getattr(_backend.MaskBackend, m)}
+        assert not inherited, f"{name} does not implement {sorted(inherited)}"

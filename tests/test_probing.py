@@ -348,3 +348,20 @@ def test_mcc_corpus_vs_per_batch_by_hand():
     assert probing.matthews_corrcoef([1, 1], [1, 0]) == 0.0  # constant prediction: 0, like sklearn
     with pytest.raises(ValueError, match="batch_size"):
         probing.per_batch_mcc(predicted, gold, 0)
+
+
+def test_linear_probe_two_and_three_classes():
+    """The logistic-regression probe (the leakage probe of `fastmask run disentangle`): separable classes, binary and
+    one-vs-rest; a feature that carries nothing gives chance accuracy."""
+    gen = torch.Generator().manual_seed(0)
+    for n_classes in (2, 3):
+        y = torch.randint(0, n_classes, (600,), generator=gen)
+        x = torch.randn(600, 5, generator=gen)
+        x[:, 0] += 6 * (y == 1).float()
+        x[:, 1] += 6 * (y == 2).float()
+        predict = probing.fit_linear_probe(x[:400], y[:400])
+        assert predict(x[400:]).dtype == torch.long and predict(x[400:]).shape == (200,)
+        assert probing.linear_probe_accuracy(x[:400], y[:400], x[400:], y[400:]) > 0.95
+    noise = torch.randn(600, 3, generator=gen)
+    coin = torch.randint(0, 2, (600,), generator=gen)
+    assert abs(probing.linear_probe_accuracy(noise[:400], coin[:400], noise[400:], coin[400:]) - 0.5) < 0.12

@@ -189,8 +189,9 @@ def _check_masked_linear(device, tokens, n_in, n_out, block, in_out, dtype, has_
     kw = dict(weight_layout=layout, block=blk, **p.ref_kwargs())
     b64 = b.double() if has_bias else None
     y_ref = ref.masked_linear_ref(x.double(), w.double(), logits, b64, **kw)
-    rgx, rgw, rgl, rgb = ref.masked_linear_backward_ref(dy.double(), x.double(), w.double(), logits, b64,
-                                                        needs_weight_grad=True, **kw)
+    rgx, rgw, rgl, rgb = ref.masked_linear_backward_ref(dy.double(), x.double(), w.double(), logits, p,
+                                                        has_bias=has_bias, weight_layout=layout, block=blk,
+                                                        needs_weight_grad=True)
     # PyTorch in the same dtype (the naive autograd version): the yardstick of the tolerance.
     xn, wn, ln = x.clone().requires_grad_(), w.clone().requires_grad_(), logits.clone().requires_grad_()
     bn = b.clone().requires_grad_() if has_bias else None
@@ -287,7 +288,8 @@ def test_masked_linear_float64_matches_reference(device):
         torch.testing.assert_close(y.cpu(), ref.masked_linear_ref(x, w, logits, b, **kw), atol=1e-12, rtol=1e-12)
         got = K.masked_linear_backward(dy.to(device), x.to(device), w.to(device), logits.to(device), True, blk, in_out,
                                        p, True, True)
-        want = ref.masked_linear_backward_ref(dy, x, w, logits, b, needs_weight_grad=True, **kw)
+        want = ref.masked_linear_backward_ref(dy, x, w, logits, p, has_bias=True, weight_layout=kw["weight_layout"],
+                                              block=blk, needs_weight_grad=True)
         for name, g, r in zip(("grad_x", "grad_weight", "grad_logits", "grad_bias"), got, want):
             assert g.dtype == torch.float64, name
             torch.testing.assert_close(g.cpu(), r, atol=1e-12, rtol=1e-12, msg=name)

@@ -43,13 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import GRANULARITIES
+from .._params import GateParams
 from ..ops import gate, grouped_masked_linear, masked_linear
 from ..ops._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta
-from ..ops._validate import check_float_tensor, check_gate_params, estimator_code
+from ..ops._validate import WEIGHT_LAYOUTS, check_choice, check_float_tensor, check_mask_fields
 from ..ref import expand_gates, mask_offset
 
 HEAD_SIDES = ("in", "out")
+_WHERE = "MaskedLinear"
 
 
 def _grid(granularity: str, rows: int, cols: int, in_out: bool, block: Sequence[int], head_dim: Optional[int],
@@ -61,9 +62,6 @@ def _grid(granularity: str, rows: int, cols: int, in_out: bool, block: Sequence[
     if granularity == "weight":
         return (rows, cols), (1, 1)
     if granularity == "block":
-        if (not isinstance(block, (tuple, list)) or len(block) != 2
-                or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block)):
-            raise ValueError(f"MaskedLinear: block must be two positive ints (bh, bw), got {block!r}")
         bh, bw = tuple(block)[::-1] if in_out else tuple(block)
         return (math.ceil(rows / bh), math.ceil(cols / bw)), (bh, bw)
     if granularity == "layer":
@@ -112,16 +110,14 @@ class MaskedLinear(nn.Module):
                  init_logit: Optional[float] = None, beta: Optional[float] = None, gamma: float = DEFAULT_GAMMA,
                  zeta: float = DEFAULT_ZETA, tau: float = DEFAULT_TAU, seed: int = 0, n_masks: int = 1):
         super().__init__()
-        estimator_code(estimator, "MaskedLinear")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"MaskedLinear: granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if weight_layout not in ("out_in", "in_out"):
-            raise ValueError(f"MaskedLinear: weight_layout must be 'out_in' or 'in_out', got {weight_layout!r}")
-        if head_side not in HEAD_SIDES:
-            raise ValueError(f"MaskedLinear: head_side must be one of {HEAD_SIDES}, got {head_side!r}")
+        checked = check_mask_fields(_WHERE, estimator=estimator, granularity=granularity, block=block,
+                                    init_keep=init_keep, init_logit=init_logit, beta=beta, gamma=gamma, zeta=zeta,
+                                    tau=tau, n_masks=n_masks, seed=seed)
+        check_choice(weight_layout, WEIGHT_LAYOUTS, "weight_layout", _WHERE)
+        check_choice(head_side, HEAD_SIDES, "head_side", _WHERE)
+        check_float_tensor(weight, "weight", _WHERE)
         if weight.dim() != 2:
             raise ValueError(f"MaskedLinear: weight must be 2-D, got shape {list(weight.shape)}")
-        check_float_tensor(weight, "weight", "MaskedLinear")
         out_features = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_features,)
                                  or bias.dtype != weight.dtype or bias.device != weight.device):
@@ -129,11 +125,7 @@ class MaskedLinear(nn.Module):
                      else f"shape {list(bias.shape)}, {bias.dtype} on {bias.device}")
             raise ValueError(f"MaskedLinear: bias must be None or a tensor of shape [{out_features}] with the weight's "
                              f"dtype and device ({weight.dtype} on {weight.device}), got {found}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1:
-            raise ValueError(f"MaskedLinear: seed must be an int in [0, 2**63 - 1], got {seed!r}")
-        if isinstance(n_masks, bool) or not isinstance(n_masks, int) or n_masks < 1:
-            raise ValueError(f"MaskedLinear: n_masks must be a positive int, got {n_masks!r}")
-        self.n_masks = n_masks
+        self.n_masks, self.seed = checked["n_masks"], checked["seed"]
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.weight.requires_grad_(False)
         if bias is not None and not isinstance(bias, nn.Parameter):
@@ -142,21 +134,16 @@ class MaskedLinear(nn.Module):
         if bias is not None:
             bias.requires_grad_(False)
         self.weight_layout, self.estimator, self.granularity = weight_layout, estimator, granularity
-        self.beta, self.gamma, self.zeta, self.tau = default_beta(estimator, beta), float(gamma), float(zeta), \
-            float(tau)
-        check_gate_params(self.beta, self.gamma, self.zeta, "MaskedLinear", self.tau)
-        self.seed = int(seed)
+        self.beta = default_beta(estimator, checked["beta"])
+        self.gamma, self.zeta, self.tau = checked["gamma"], checked["zeta"], checked["tau"]
         self.head_dim = None if head_dim is None else int(head_dim)
         self.head_side = head_side
         rows, cols = weight.shape
-        grid, self.block = _grid(granularity, rows, cols, weight_layout == "in_out", block, self.head_dim, head_side)
-        self.block = tuple(int(b) for b in self.block)
+        grid, self.block = _grid(granularity, rows, cols, weight_layout == "in_out", checked["block"], self.head_dim,
+                                 head_side)
+        init_logit = checked["init_logit"]
         if init_logit is None:
-            if init_keep is None:
-                raise ValueError("MaskedLinear: pass init_keep (a probability in (0, 1)) or init_logit")
-            init_logit = self._logit_for_keep(init_keep)
-        if isinstance(init_logit, bool) or not isinstance(init_logit, (int, float)) or not math.isfinite(init_logit):
-            raise ValueError(f"MaskedLinear: init_logit must be a finite number, got {init_logit!r}")
+            init_logit = self._logit_for_keep(checked["init_keep"])
         shape = grid if n_masks == 1 else (n_masks,) + tuple(grid)  # one grid, or a stack of K (one noise stream)
         self.logits = nn.Parameter(torch.full(shape, float(init_logit), dtype=torch.float32, device=weight.device))
         self.mask_index = None  # K masks: which mask each batch row uses (fastmask.mask_index); see module doc
@@ -169,9 +156,7 @@ class MaskedLinear(nn.Module):
         object.__setattr__(self, "_base_module", None)
 
     def _logit_for_keep(self, keep: float) -> float:
-        """The logit whose training-time keep probability (P(z != 0), or P(z = 1)) is ``keep``."""
-        if not 0 < keep < 1:
-            raise ValueError(f"MaskedLinear: init_keep must be in (0, 1), got {keep}")
+        """The logit whose training-time keep probability (P(z != 0), or P(z = 1)) is ``keep`` (in (0, 1))."""
         logit = math.log(keep / (1 - keep))
         if self.estimator == "hard_concrete":
             return logit + self.beta * math.log(-self.gamma / self.zeta)
@@ -234,12 +219,21 @@ class MaskedLinear(nn.Module):
         """Mask ``mask``'s slice of a per-mask stack (the whole tensor for one mask or mask=None)."""
         return t if self.n_masks == 1 or mask is None else t[mask]
 
+    def gate_params(self, offset: int = 0, *, training: Optional[bool] = None, inverse: Optional[bool] = None
+                    ) -> GateParams:
+        """The layer's gate parameters for one op call (estimator, beta, gamma, zeta, tau, seed; noise position
+        ``offset``; ``training`` and ``inverse`` default to the layer's modes): every op call of this layer and
+        fastmask.l0_penalty build their arguments from it (``op_kwargs()``, ``estimator_kwargs()``)."""
+        return GateParams.of(self.estimator, self.seed, offset, self.beta, self.gamma, self.zeta, self.tau,
+                             self.training if training is None else training,
+                             self.inverse if inverse is None else inverse)
+
     def gates(self, inverse: bool = False, mask: Optional[int] = None) -> torch.Tensor:
         """The deterministic (eval-mode) gates on the logits grid (float32), detached: (GR, GC), or (K, GR, GC) for
         every mask of a K-mask layer unless ``mask=k``."""
         mask = self.check_mask(mask, "MaskedLinear.gates")
-        return gate(self._of_mask(self.logits.detach(), mask), estimator=self.estimator, beta=self.beta,
-                    gamma=self.gamma, zeta=self.zeta, tau=self.tau, training=False, inverse=inverse)
+        return gate(self._of_mask(self.logits.detach(), mask),
+                    **self.gate_params(training=False, inverse=inverse).op_kwargs())
 
     def head_gates(self, mask: Optional[int] = None) -> torch.Tensor:
         """Eval-mode gates per head (granularity="head" only): (n_heads,), or (K, n_heads) for every mask."""
@@ -279,16 +273,16 @@ class MaskedLinear(nn.Module):
             offset = self.step * self.logits.numel()  # K masks: the whole stack's noise per step
             if self.auto_step:
                 self.step = self.step + 1
-        kwargs = dict(estimator=self.estimator, seed=self.seed, training=self.training, inverse=self.inverse,
-                      weight_layout=self.weight_layout, block=self.block, beta=self.beta, gamma=self.gamma,
-                      zeta=self.zeta, tau=self.tau)
+        layout = dict(weight_layout=self.weight_layout, block=self.block)
         if self.n_masks == 1:
-            return masked_linear(x, self.weight, self.logits, self.bias, offset=offset, **kwargs)
+            return masked_linear(x, self.weight, self.logits, self.bias, **layout,
+                                 **self.gate_params(offset).op_kwargs())
         if isinstance(index, int):  # one mask for the whole batch: the single-mask op on its slice of the stack
-            return masked_linear(x, self.weight, self.logits[index], self.bias,
-                                 offset=mask_offset(offset, index, self.logits[0].numel()), **kwargs)
+            params = self.gate_params(mask_offset(offset, index, self.logits[0].numel()))
+            return masked_linear(x, self.weight, self.logits[index], self.bias, **layout, **params.op_kwargs())
         return grouped_masked_linear(x, self.weight, self.logits, self.bias,
-                                     index=None if isinstance(index, str) else index, offset=offset, **kwargs)
+                                     index=None if isinstance(index, str) else index, **layout,
+                                     **self.gate_params(offset).op_kwargs())
 
     # --- back to a plain layer ------------------------------------------------------------------------------
     def to_module(self, weight: Optional[torch.Tensor] = None) -> nn.Module:

@@ -1,28 +1,32 @@
 """Backend choice: which implementation runs each op, per device.
 
-Four backends implement the same kernel-level functions (the interface below); the public custom ops in
-this package call ``resolve(device)`` at run time, so ``fm.set_backend`` takes effect even inside a compiled
-graph (the op bodies are opaque to torch.compile).
+Four backends implement the same kernel-level interface, ``MaskBackend`` below; the public custom ops in this
+package call ``resolve(device)`` at run time, so ``fm.set_backend`` takes effect even inside a compiled graph (the
+op bodies are opaque to torch.compile).
 
   reference  fastmask/ref.py: pure PyTorch, every device; the oracle.
   cpu        the C++ extension fastmask._C on CPU tensors (fused sampling / masking / mask gradient, at::matmul).
   cuda       the C++/CUDA extension on CUDA tensors (fused kernels around cuBLAS).
   triton     fastmask.kernels: fully fused Triton GEMMs; on CPU only under TRITON_INTERPRET=1 (for tests).
+
+Where a backend has no fused kernel for a step it runs the torch composition of its own primitives in
+fastmask/ops/_composed.py: the mask gradient from dWm (reference, triton) and the grouped op's backward (all).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import importlib
 import os
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .. import ref
 from .._params import GateParams
+from ._composed import composed_grouped_backward, composed_mask_grad, matmul_acc
+from ._modes import is_deterministic
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _CHOICES = ("auto",) + BACKENDS
@@ -33,34 +37,71 @@ AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference
 
 _selected = os.environ.get("FASTMASK_BACKEND", "auto")
 
-
-def matmul_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with a float32 result for half dtypes (float32 / float64 operands: their own dtype), for GEMMs whose
-    output feeds a mask gradient (a sum over tokens or weights that must not start from 8-11-bit values). CUDA:
-    cuBLAS writes float32 directly (torch.mm's out_dtype, torch >= 2.8); CPUs have no such kernel and multiply the
-    operands in float32."""
-    if a.dtype in (torch.float32, torch.float64):
-        return a @ b
-    if a.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+Tensor = torch.Tensor
+Grads = tuple[Optional[Tensor], Optional[Tensor], Tensor, Optional[Tensor]]
 
 
-def composed_mask_grad(backend, grad_wm, weight, logits, block, p: GateParams, needs_weight_grad: bool,
-                       needs_masked_weight: bool):
-    """(grad_logits, grad_weight or None, W * m or None) from dWm (float32 / float64, the weight's layout) with the
-    backend's gate kernels and torch ops: the block sums of dWm * W times the gates' slope; dWm * m; W * m."""
-    gates = backend.gate_forward(logits, p)
-    mask = ref.expand_gates(gates, block, weight.shape).to(grad_wm.dtype)
-    weight_up = weight.to(grad_wm.dtype)
-    grad_gates = ref.reduce_to_grid(grad_wm * weight_up, block, logits.shape).to(gates.dtype)
-    grad_logits = backend.gate_backward(grad_gates, logits, p)
-    grad_weight = (grad_wm * mask).to(weight.dtype) if needs_weight_grad else None
-    masked = (weight_up * mask).to(weight.dtype) if needs_masked_weight else None
-    return grad_logits, grad_weight, masked
+class MaskBackend(Protocol):
+    """What the ops call on the backend of their tensors' device (``resolve``). Every tensor argument is on that
+    device and already validated by the op (shapes, dtypes, devices); ``p`` holds the estimator and the noise
+    position, gate j of a grid drawing ``uniform(p.seed, p.offset + j)`` (j the row-major flat index).
+
+    Conventions of the masked-weight methods: x (T, in) and grad_out (T, out) are 2-D (tokens flattened), any
+    strides; the weight is (out, in), or (in, out) when ``in_out`` (GPT-2 Conv1D), in x's dtype and read in place;
+    logits are a contiguous gate grid (GR, GC) in the weight's layout (or a stack (K, GR, GC) of K masks, one noise
+    stream, mask k at ``ref.mask_offset(p.offset, k, GR * GC)``), weight element (r, c) gated by logit
+    (r // bh, c // bw) for ``block = (bh, bw)``. Gradients that were not asked for are None; the op rounds every
+    returned gradient to its input's dtype, so a backend may return them in the compute dtype
+    (``ref.compute_dtype``: float64 stays float64, else float32).
+    """
+
+    name: str
+
+    def uniform(self, shape: tuple[int, ...], seed: int, offset: int, device: torch.device) -> Tensor:
+        """float32 noise of ``shape`` on ``device``, contiguous: element i (row-major) is ``tl.rand(seed, offset +
+        i)``, bit for bit on every backend."""
+
+    def gate_forward(self, logits: Tensor, p: GateParams) -> Tensor:
+        """Gates z in [0, 1] of contiguous ``logits`` (any shape, any float dtype): shaped like them, in their
+        compute dtype (``ref.gate_ref``)."""
+
+    def gate_backward(self, grad_gates: Tensor, logits: Tensor, p: GateParams) -> Tensor:
+        """d(loss)/d(logits) from d(loss)/d(gates) (both contiguous, shaped like ``logits``), in the logits' compute
+        dtype; the noise is regenerated from ``p`` (``ref.gate_backward_ref``)."""
+
+    def masked_linear_forward(self, x: Tensor, weight: Tensor, logits: Tensor, bias: Optional[Tensor],
+                              block: tuple[int, int], in_out: bool, p: GateParams) -> Tensor:
+        """y = x (W * m)^T + b: (T, out) in x's dtype; bias (out,) in x's dtype, or None."""
+
+    def masked_linear_backward(self, grad_out: Tensor, x: Tensor, weight: Tensor, logits: Tensor, has_bias: bool,
+                               block: tuple[int, int], in_out: bool, p: GateParams, needs_input_grad: bool,
+                               needs_weight_grad: bool) -> Grads:
+        """(grad_x (T, in), grad_weight (the weight's shape), grad_logits (GR, GC), grad_bias (out,)) of
+        ``masked_linear_forward``; d(logits) sums dWm * W over each gate block, dWm = dy^T x accumulated in float32
+        (float64) (``ref.masked_linear_backward_ref``)."""
+
+    def grouped_masked_weight(self, weight: Tensor, logits: Tensor, block: tuple[int, int], p: GateParams
+                              ) -> Tensor:
+        """The K masked weights W * m_k of a stack of grids (K, GR, GC): (K, R, C) in the weight's dtype and layout,
+        each product taken in the compute dtype and rounded once (``ref.grouped_masked_weight_ref``)."""
+
+    def mask_grad(self, grad_wm: Tensor, weight: Tensor, logits: Tensor, block: tuple[int, int], p: GateParams,
+                  needs_weight_grad: bool, needs_masked_weight: bool
+                  ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """(grad_logits (GR, GC) in the compute dtype, grad_weight = dWm * m or None, W * m or None; both in the
+        weight's dtype and layout) from dWm (R, C) in the weight's layout and compute dtype (float32 for half
+        weights): the block sums of dWm * W times the gates' slope (``_composed.composed_mask_grad``)."""
+
+    def grouped_masked_linear_backward(self, grad_out: Tensor, x: Tensor, weight: Tensor, logits: Tensor,
+                                       has_bias: bool, token_mask: Optional[Tensor], block: tuple[int, int],
+                                       in_out: bool, p: GateParams, needs_input_grad: bool, needs_weight_grad: bool
+                                       ) -> Grads:
+        """(grad_x (T, in), grad_weight, grad_logits (K, GR, GC), grad_bias (out,)) of K masked linear layers over
+        one weight: token t uses mask ``token_mask[t]`` (int64 (T,), values in [0, K)), or, token_mask None, the T
+        tokens are K equal contiguous groups (``ref.grouped_masked_linear_backward_ref``)."""
 
 
-class ReferenceBackend:
+class ReferenceBackend(MaskBackend):
     """fastmask.ref behind the backend interface."""
 
     name = "reference"
@@ -68,33 +109,40 @@ class ReferenceBackend:
     def uniform(self, shape, seed, offset, device):
         return ref.uniform_ref(shape, seed, offset, device=device)
 
-    def gate_forward(self, logits, p: GateParams):
+    def gate_forward(self, logits, p):
         return ref.gate_ref(logits, **p.ref_kwargs())
 
-    def gate_backward(self, grad_gates, logits, p: GateParams):
+    def gate_backward(self, grad_gates, logits, p):
         return ref.gate_backward_ref(grad_gates, logits, **p.ref_kwargs())
 
-    def masked_linear_forward(self, x, weight, logits, bias, block, in_out, p: GateParams):
-        layout = "in_out" if in_out else "out_in"
-        return ref.masked_linear_ref(x, weight, logits, bias, weight_layout=layout, block=block, **p.ref_kwargs())
+    def masked_linear_forward(self, x, weight, logits, bias, block, in_out, p):
+        return ref.masked_linear_ref(x, weight, logits, bias, weight_layout=_layout(in_out), block=block,
+                                     **p.ref_kwargs())
 
-    def grouped_masked_weight(self, weight, logits, block, p: GateParams):
-        return ref.grouped_masked_weight_ref(weight, logits, block, **p.ref_kwargs())
-
-    def mask_grad(self, grad_wm, weight, logits, block, p: GateParams, needs_weight_grad, needs_masked_weight):
-        return composed_mask_grad(self, grad_wm, weight, logits, block, p, needs_weight_grad, needs_masked_weight)
-
-    def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p: GateParams,
-                               needs_input_grad, needs_weight_grad):
-        layout = "in_out" if in_out else "out_in"
-        bias_stub = grad_out.new_empty(grad_out.shape[-1]) if has_bias else None
-        gx, gw, gl, gb = ref.masked_linear_backward_ref(grad_out, x, weight, logits, bias_stub, weight_layout=layout,
-                                                        block=block, needs_weight_grad=needs_weight_grad,
-                                                        **p.ref_kwargs())
+    def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p, needs_input_grad,
+                               needs_weight_grad):
+        gx, gw, gl, gb = ref.masked_linear_backward_ref(grad_out, x, weight, logits, p, has_bias=has_bias,
+                                                        weight_layout=_layout(in_out), block=block,
+                                                        needs_weight_grad=needs_weight_grad)
         return (gx if needs_input_grad else None), gw, gl, gb
 
+    def grouped_masked_weight(self, weight, logits, block, p):
+        return ref.grouped_masked_weight_ref(weight, logits, block, p)
 
-class ExtensionBackend:
+    def mask_grad(self, grad_wm, weight, logits, block, p, needs_weight_grad, needs_masked_weight):
+        return composed_mask_grad(self, grad_wm, weight, logits, block, p, needs_weight_grad, needs_masked_weight)
+
+    def grouped_masked_linear_backward(self, grad_out, x, weight, logits, has_bias, token_mask, block, in_out, p,
+                                       needs_input_grad, needs_weight_grad):
+        return composed_grouped_backward(self, grad_out, x, weight, logits, has_bias, token_mask, block, in_out, p,
+                                         needs_input_grad, needs_weight_grad)
+
+
+def _layout(in_out: bool) -> str:
+    return "in_out" if in_out else "out_in"
+
+
+class ExtensionBackend(MaskBackend):
     """The C++ (CPU) or C++/CUDA extension: fused gate kernels around the library GEMM (at::matmul / cuBLAS).
 
     The masked weight is materialised once per call in the weight dtype; backward regenerates it from
@@ -109,32 +157,31 @@ class ExtensionBackend:
         torch.ops.fastmask._uniform_fill(out, seed, offset)
         return out
 
-    def gate_forward(self, logits, p: GateParams):
+    def gate_forward(self, logits, p):
         return torch.ops.fastmask._gate_fwd(logits, *p.cpp_args())
 
-    def gate_backward(self, grad_gates, logits, p: GateParams):
+    def gate_backward(self, grad_gates, logits, p):
         return torch.ops.fastmask._gate_bwd(grad_gates, logits, *p.cpp_args())
 
-    def _masked_weight(self, weight, logits, block, p: GateParams):
+    def _masked_weight(self, weight, logits, block, p):
         return torch.ops.fastmask._masked_weight(weight.contiguous(), logits, block[0], block[1], *p.cpp_args())
 
-    def grouped_masked_weight(self, weight, logits, block, p: GateParams):
+    def grouped_masked_weight(self, weight, logits, block, p):
         # One fused _masked_weight call per mask (each O(weight), none writes an fp32 mask), mask k at its own
         # offset in the stack's noise stream; the K products that follow are one bmm.
         weight = weight.contiguous()
         out = torch.empty((logits.shape[0],) + tuple(weight.shape), dtype=weight.dtype, device=weight.device)
         n_gates = logits[0].numel()
         for k in range(logits.shape[0]):
-            out[k] = self._masked_weight(weight, logits[k], block,
-                                         dataclasses.replace(p, offset=ref.mask_offset(p.offset, k, n_gates)))
+            out[k] = self._masked_weight(weight, logits[k], block, ref.mask_params(p, k, n_gates))
         return out
 
-    def masked_linear_forward(self, x, weight, logits, bias, block, in_out, p: GateParams):
+    def masked_linear_forward(self, x, weight, logits, bias, block, in_out, p):
         wm = self._masked_weight(weight, logits, block, p)
         return F.linear(x, wm.t() if in_out else wm, bias)
 
-    def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p: GateParams,
-                               needs_input_grad, needs_weight_grad):
+    def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p, needs_input_grad,
+                               needs_weight_grad):
         # dWm in the weight's layout first, written in float32 by the GEMM itself for half dtypes (no round trip
         # through bf16 / fp16: the fused kernel sums it per gate).
         grad_wm = matmul_acc(x.t(), grad_out) if in_out else matmul_acc(grad_out.t(), x)
@@ -144,7 +191,7 @@ class ExtensionBackend:
         grad_bias = grad_out.sum(0) if has_bias else None
         return grad_x, grad_weight, grad_logits, grad_bias
 
-    def mask_grad(self, grad_wm, weight, logits, block, p: GateParams, needs_weight_grad, needs_masked_weight):
+    def mask_grad(self, grad_wm, weight, logits, block, p, needs_weight_grad, needs_masked_weight):
         grad_wm = grad_wm.to(ref.compute_dtype(weight)).contiguous()
         weight = weight.contiguous()
         if needs_masked_weight and self.name == "cpu":
@@ -158,19 +205,60 @@ class ExtensionBackend:
             wm = self._masked_weight(weight, logits, block, p) if needs_masked_weight else None
         return grad_logits, (grad_weight if needs_weight_grad else None), wm
 
+    def grouped_masked_linear_backward(self, grad_out, x, weight, logits, has_bias, token_mask, block, in_out, p,
+                                       needs_input_grad, needs_weight_grad):
+        # The extension has no grouped kernel: K calls of its fused mask gradient (see _composed).
+        return composed_grouped_backward(self, grad_out, x, weight, logits, has_bias, token_mask, block, in_out, p,
+                                         needs_input_grad, needs_weight_grad)
 
-class TritonBackend:
+
+def _triton_kernels():
+    """fastmask.kernels. Imported at first use, not with this module: it imports triton (about a second at
+    ``import fastmask``), which may be missing or older than MIN_TRITON (``availability`` says why; the package runs
+    without it)."""
+    from .. import kernels
+
+    return kernels
+
+
+class TritonBackend(MaskBackend):
     """fastmask.kernels (fully fused Triton GEMMs and elementwise kernels)."""
 
     name = "triton"
 
-    def mask_grad(self, grad_wm, weight, logits, block, p: GateParams, needs_weight_grad, needs_masked_weight):
-        # The Triton kernels write d(logits) from the dWm GEMM's epilogue; given a dWm, their gate kernels and
-        # torch ops do it (the grouped op's per-mask backward).
+    def uniform(self, shape, seed, offset, device):
+        return _triton_kernels().uniform(shape, seed, offset, device)
+
+    def gate_forward(self, logits, p):
+        return _triton_kernels().gate_forward(logits, p)
+
+    def gate_backward(self, grad_gates, logits, p):
+        return _triton_kernels().gate_backward(grad_gates, logits, p)
+
+    def masked_linear_forward(self, x, weight, logits, bias, block, in_out, p):
+        return _triton_kernels().masked_linear_forward(x, weight, logits, bias, block, in_out, p)
+
+    def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p, needs_input_grad,
+                               needs_weight_grad):
+        # Deterministic mode: where the fused mask-gradient kernel would sum d(logits) with atomic adds, the kernels
+        # call this backend's mask_grad instead (fixed-order torch sums; fastmask/ops/_modes.py).
+        fixed_order = self.mask_grad if is_deterministic() else None
+        return _triton_kernels().masked_linear_backward(grad_out, x, weight, logits, has_bias, block, in_out, p,
+                                                        needs_input_grad, needs_weight_grad,
+                                                        fixed_order_mask_grad=fixed_order)
+
+    def grouped_masked_weight(self, weight, logits, block, p):
+        return _triton_kernels().grouped_masked_weight(weight, logits, block, p)
+
+    def mask_grad(self, grad_wm, weight, logits, block, p, needs_weight_grad, needs_masked_weight):
+        # The fused kernels write d(logits) from the dWm GEMM's epilogue; given a dWm, their gate kernels and torch
+        # ops do it (the grouped op's per-mask backward, deterministic mode's fallback).
         return composed_mask_grad(self, grad_wm, weight, logits, block, p, needs_weight_grad, needs_masked_weight)
 
-    def __getattr__(self, attr):
-        return getattr(importlib.import_module("fastmask.kernels"), attr)
+    def grouped_masked_linear_backward(self, grad_out, x, weight, logits, has_bias, token_mask, block, in_out, p,
+                                       needs_input_grad, needs_weight_grad):
+        return composed_grouped_backward(self, grad_out, x, weight, logits, has_bias, token_mask, block, in_out, p,
+                                         needs_input_grad, needs_weight_grad)
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,7 +266,7 @@ def _triton_status() -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
 
-        importlib.import_module("fastmask.kernels")
+        from .. import kernels  # noqa: F401
     except Exception as exc:  # ImportError, or a broken triton install
         return False, f"triton is not importable ({type(exc).__name__}: {exc})"
     if _version_tuple(triton.__version__) < MIN_TRITON:
@@ -233,8 +321,8 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
     raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
 
 
-_INSTANCES = {"reference": ReferenceBackend(), "cpu": ExtensionBackend("cpu"), "cuda": ExtensionBackend("cuda"),
-              "triton": TritonBackend()}
+_INSTANCES: dict[str, MaskBackend] = {"reference": ReferenceBackend(), "cpu": ExtensionBackend("cpu"),
+                                      "cuda": ExtensionBackend("cuda"), "triton": TritonBackend()}
 
 
 def set_backend(name: str) -> None:
@@ -297,6 +385,6 @@ def _resolve_uncached(device_type: str) -> str:
     return _selected
 
 
-def resolve(device: torch.device):
-    """The backend object (implementing the interface) for tensors on ``device``."""
+def resolve(device: torch.device) -> MaskBackend:
+    """The backend object for tensors on ``device``."""
     return _INSTANCES[resolve_name(device)]

@@ -1,10 +1,15 @@
-"""Argument checks shared by the public ops: metadata only (shapes, dtypes, devices), so they also run on fake
-tensors under torch.compile, before any kernel starts. Every message names the argument and what was expected."""
+"""Argument checks shared by the public ops, fastmask.nn.MaskedLinear and fastmask.MaskConfig: one function per
+kind of value, so that the three agree on what is valid and on how a refusal reads. The tensor checks read metadata
+only (shapes, dtypes, devices), so they also run on fake tensors under torch.compile, before any kernel starts.
+
+Every message names the argument and what was expected. ``where`` is the caller as the message names it: a
+``where`` ending in "." names a field (``"MaskConfig."`` -> "MaskConfig.seed must be ..."), any other an argument
+(``"MaskedLinear"`` -> "MaskedLinear: seed must be ...")."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -12,38 +17,127 @@ from ..ref import ESTIMATORS
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 WEIGHT_LAYOUTS = ("out_in", "in_out")
+GRANULARITIES = ("weight", "block", "unit_in", "unit_out", "head", "layer")  # of MaskConfig and MaskedLinear
 _INT64_MAX = 2**63 - 1
 
 
+def subject(name: str, where: str) -> str:
+    """How a message names argument ``name`` of ``where`` (see the module docstring)."""
+    return f"{where}{name}" if where.endswith(".") else f"{where}: {name}"
+
+
+def _bound(value: int) -> str:
+    return "2**63 - 1" if value == _INT64_MAX else str(value)
+
+
+def check_choice(value: Any, choices: Sequence[str], name: str, where: str) -> str:
+    """One of ``choices`` (estimator, granularity, weight_layout, head_side)."""
+    if value not in choices:
+        raise ValueError(f"{subject(name, where)} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_int(value: Any, name: str, where: str, low: int = 0, high: Optional[int] = _INT64_MAX, *,
+              type_error: bool = False) -> int:
+    """An int (never a bool) in [low, high] (high None: no upper bound). ``type_error`` (the ops): a value that is
+    not an int raises TypeError and one out of range its own ValueError; otherwise one ValueError says both."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if high is None:
+        span = "positive" if low == 1 else f">= {low}"
+        if not is_int or value < low:
+            raise ValueError(f"{subject(name, where)} must be a {span} int, got {value!r}")
+        return int(value)
+    span = f"[{_bound(low)}, {_bound(high)}]"
+    if type_error and not is_int:
+        raise TypeError(f"{subject(name, where)} must be an int, got {type(value).__name__}")
+    if type_error and not low <= value <= high:
+        raise ValueError(f"{subject(name, where)} must be in {span}, got {value}")
+    if not is_int or not low <= value <= high:
+        raise ValueError(f"{subject(name, where)} must be an int in {span}, got {value!r}")
+    return int(value)
+
+
+def check_seed(seed: Any, where: str, name: str = "seed", *, type_error: bool = False) -> int:
+    """A Philox seed or offset: an int in [0, 2**63 - 1]."""
+    return check_int(seed, name, where, 0, _INT64_MAX, type_error=type_error)
+
+
+def check_finite(value: Any, name: str, where: str) -> float:
+    """A finite int or float (never a bool), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{subject(name, where)} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_block(block: Any, where: str, name: str = "block") -> tuple[int, int]:
+    """Two positive ints (bh, bw)."""
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block)):
+        raise ValueError(f"{subject(name, where)} must be two positive ints (bh, bw), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
 def estimator_code(estimator: str, where: str) -> int:
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"{where}: estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    return ESTIMATORS.index(estimator)
+    return ESTIMATORS.index(check_choice(estimator, ESTIMATORS, "estimator", where))
 
 
 def check_seed_offset(seed: int, offset: int, where: str) -> None:
-    for name, value in (("seed", seed), ("offset", offset)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
-        if not 0 <= value <= _INT64_MAX:
-            raise ValueError(f"{where}: {name} must be in [0, 2**63 - 1], got {value}")
+    check_seed(seed, where, type_error=True)
+    check_seed(offset, where, "offset", type_error=True)
 
 
-def check_gate_params(beta: float, gamma: float, zeta: float, where: str, tau: float = 0.0) -> None:
+def check_gate_params(beta: Optional[float], gamma: float, zeta: float, where: str, tau: float = 0.0
+                      ) -> tuple[Optional[float], float, float, float]:
+    """The estimator's parameters as floats: beta > 0 (None: the estimator's default, left to the caller), the
+    hard-concrete stretch gamma < 0 < 1 < zeta, and the threshold tau, all finite."""
     for name, value in (("beta", beta), ("gamma", gamma), ("zeta", zeta), ("tau", tau)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
-    if not beta > 0:
-        raise ValueError(f"{where}: beta (the temperature) must be > 0, got {beta}")
-    if not (gamma < 0 and zeta > 1):
-        raise ValueError(f"{where}: the stretch interval must satisfy gamma < 0 < 1 < zeta, got gamma={gamma}, "
-                         f"zeta={zeta}")
+        if value is not None or name != "beta":
+            check_finite(value, name, where)
+    if beta is not None and not beta > 0:
+        raise ValueError(f"{subject('beta', where)} (the temperature) must be > 0, got {beta}")
+    stretch = "the hard-concrete stretch: gamma < 0 < 1 < zeta"
+    if not gamma < 0:
+        raise ValueError(f"{subject('gamma', where)} must be < 0 ({stretch}), got gamma={gamma}, zeta={zeta}")
+    if not zeta > 1:
+        raise ValueError(f"{subject('zeta', where)} must be > 1 ({stretch}), got gamma={gamma}, zeta={zeta}")
+    return None if beta is None else float(beta), float(gamma), float(zeta), float(tau)
+
+
+def check_init(init_keep: Optional[float], init_logit: Optional[float], where: str
+               ) -> tuple[Optional[float], Optional[float]]:
+    """The initial gates: a keep probability in (0, 1) and/or a finite logit (the logit wins), not both None."""
+    if init_logit is not None:
+        init_logit = check_finite(init_logit, "init_logit", where)
+    if init_keep is not None:
+        if isinstance(init_keep, bool) or not isinstance(init_keep, (int, float)) or not 0 < init_keep < 1:
+            raise ValueError(f"{subject('init_keep', where)} must be in (0, 1), got {init_keep!r}")
+        init_keep = float(init_keep)
+    if init_keep is None and init_logit is None:
+        raise ValueError(f"{subject('init_keep', where)} (a probability in (0, 1)) or init_logit must be given, "
+                         f"got None for both")
+    return init_keep, init_logit
+
+
+def check_mask_fields(where: str, *, estimator: str, granularity: str, block: Any, init_keep: Optional[float],
+                      init_logit: Optional[float], beta: Optional[float], gamma: float, zeta: float, tau: float,
+                      n_masks: int, seed: int) -> dict:
+    """The mask hyper-parameters that MaskConfig and MaskedLinear share, checked in one order and normalised
+    (floats, a (bh, bw) tuple); returns them by name."""
+    check_choice(estimator, ESTIMATORS, "estimator", where)
+    check_choice(granularity, GRANULARITIES, "granularity", where)
+    block = check_block(block, where)
+    init_keep, init_logit = check_init(init_keep, init_logit, where)
+    beta, gamma, zeta, tau = check_gate_params(beta, gamma, zeta, where, tau)
+    n_masks = check_int(n_masks, "n_masks", where, 1, None)
+    seed = check_seed(seed, where)
+    return dict(estimator=estimator, granularity=granularity, block=block, init_keep=init_keep,
+                init_logit=init_logit, beta=beta, gamma=gamma, zeta=zeta, tau=tau, n_masks=n_masks, seed=seed)
 
 
 def check_flag(value: bool, name: str, where: str) -> None:
     """A bool argument (training, inverse): a string or a tensor would be silently truthy."""
     if not isinstance(value, bool):
-        raise TypeError(f"{where}: {name} must be a bool (True or False), got {value!r}")
+        raise TypeError(f"{subject(name, where)} must be a bool (True or False), got {value!r}")
 
 
 def check_float_tensor(t: torch.Tensor, name: str, where: str) -> None:
@@ -77,9 +171,7 @@ def resolve_block(logits_shape: Sequence[int], weight_shape: Sequence[int], bloc
                 f"{list(weight_shape)}: pass block=(bh, bw) (logits then have shape "
                 f"[ceil({rows}/bh), ceil({cols}/bw)])")
         return rows // grid_rows, cols // grid_cols
-    if len(block) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block):
-        raise ValueError(f"{where}: block must be two positive ints (bh, bw), got {block!r}")
-    bh, bw = block
+    bh, bw = check_block(block, where)
     expected = [math.ceil(rows / bh), math.ceil(cols / bw)]
     if list(logits_shape) != expected:
         raise ValueError(f"{where}: logits must have shape {expected} for weight {list(weight_shape)} with block "
@@ -96,8 +188,7 @@ def check_masked_linear(x, weight, logits, bias, weight_layout, block, where="fa
     if bias is not None:
         check_float_tensor(bias, "bias", where)
     check_same_device(where, x=x, weight=weight, logits=logits, bias=bias)
-    if weight_layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"{where}: weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
+    check_choice(weight_layout, WEIGHT_LAYOUTS, "weight_layout", where)
     if weight.dim() != 2:
         raise ValueError(f"{where}: weight must be 2-D, got shape {list(weight.shape)}")
     if weight_layout == "out_in":

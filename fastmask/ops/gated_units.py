@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import ref
-from ._backend import matmul_acc, resolve
+from ._backend import resolve
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
+from ._composed import matmul_acc
 from ._modes import refuse_nan
 from ._validate import check_float_tensor, check_index_values, check_same_device
 

@@ -12,24 +12,25 @@ GEMM (or its output after it), so all K masks cost the two GEMMs of one masked l
 
 How it runs (one grouped computation, not K passes): the K masked weights (K, R, C) are built once in the weight
 dtype (Triton: one launch for all K; C++: one fused call per mask; no fp32 mask is kept), the tokens are grouped
-by mask (a pure reshape for index=None; a stable sort + gather into K groups padded to the largest otherwise),
-and one torch.bmm runs the K products. Backward goes one mask at a time, as the single-mask op does: the dWm_k
-GEMM (float32 for half dtypes), one fused pass (the backend's ``mask_grad``) for d(logits_k) and W * m_k, then dx_k;
-so it keeps one dWm and one masked weight at a time, not K of each. Padding costs K x (largest group) rows instead of
-the batch size: balanced batches, or index=None, pay nothing (an index tensor costs one host sync, for the largest
-group's size).
+by mask (``_composed.TokenGroups``: a pure reshape for index=None; a stable sort + gather into K groups padded to
+the largest otherwise), and one torch.bmm runs the K products. Backward is the backend's
+``grouped_masked_linear_backward`` (every backend today: ``_composed.composed_grouped_backward``), one mask at a
+time as the single-mask op does: the dWm_k GEMM (float32 for half dtypes), one fused pass (the backend's
+``mask_grad``) for d(logits_k) and W * m_k, then dx_k; so it keeps one dWm and one masked weight at a time, not K of
+each. Padding costs K x (largest group) rows instead of the batch size: balanced batches, or index=None, pay nothing
+(an index tensor costs one host sync, for the largest group's size).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Sequence
 
 import torch
 
 from .. import ref
-from ._backend import matmul_acc, resolve
+from ._backend import resolve
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
+from ._composed import TokenGroups
 from ._modes import refuse_nan
 from ._validate import check_grouped_masked_linear, check_index_values
 from .gated_units import unit_masked_linear
@@ -37,42 +38,10 @@ from .gated_units import unit_masked_linear
 _WHERE = "fastmask.ops.grouped_masked_linear"
 
 
-class _TokenGroups:
-    """Tokens (rows of x flattened to (T, D)) grouped by mask into a (K, G, D) batch, and back.
-
-    index None: the batch is K contiguous groups, a view. Else each token goes to slot ``k * G + rank`` of a
-    zero-padded (K * G, D) buffer, ``rank`` its position among the tokens of mask k (stable order), G the largest
-    group; ``slots`` maps tokens to those rows for the gather and the scatter.
-    """
-
-    def __init__(self, x: torch.Tensor, index: Optional[torch.Tensor], n_masks: int):
-        self.n_masks = n_masks
-        tokens = x.shape[:-1].numel()
-        if index is None:
-            self.slots, self.size = None, tokens // n_masks
-            return
-        token_mask = index.repeat_interleave(tokens // x.shape[0]) if x.shape[0] else index
-        counts = torch.bincount(token_mask, minlength=n_masks)
-        self.size = int(counts.max()) if tokens else 0
-        order = torch.argsort(token_mask, stable=True)
-        sorted_mask = token_mask[order]
-        first = torch.cumsum(counts, 0) - counts  # first sorted position of each mask
-        rank = torch.arange(tokens, device=x.device) - first[sorted_mask]
-        self.slots = torch.empty_like(token_mask)
-        self.slots[order] = sorted_mask * self.size + rank
-
-    def gather(self, t2: torch.Tensor) -> torch.Tensor:
-        """(T, D) -> (K, G, D)."""
-        if self.slots is None:
-            return t2.reshape(self.n_masks, self.size, t2.shape[-1])
-        out = t2.new_zeros(self.n_masks * self.size, t2.shape[-1])
-        out.index_copy_(0, self.slots, t2)
-        return out.view(self.n_masks, self.size, t2.shape[-1])
-
-    def scatter(self, tg: torch.Tensor) -> torch.Tensor:
-        """(K, G, D) -> (T, D), the inverse of gather."""
-        flat = ref.flatten_tokens(tg)
-        return flat if self.slots is None else flat.index_select(0, self.slots)
+def _token_mask(x: torch.Tensor, index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The mask of every token (row of x flattened to (T, D)): ``index`` (one per row of x's leading dimension)
+    repeated over each row's tokens; None for index None (K equal contiguous groups)."""
+    return None if index is None else index.repeat_interleave(x.shape[1:-1].numel())
 
 
 def _as_weight_product(wm: torch.Tensor, in_out: bool) -> torch.Tensor:
@@ -91,8 +60,9 @@ def _grouped_masked_linear_op(x: torch.Tensor, weight: torch.Tensor, logits: tor
     params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
     refuse_nan(logits, "logits", _WHERE)
     wm = resolve(x.device).grouped_masked_weight(weight, logits.contiguous(), blk, params)
-    groups = _TokenGroups(x, index, n_masks)
-    xg = groups.gather(ref.flatten_tokens(x))
+    x2 = ref.flatten_tokens(x)
+    groups = TokenGroups(_token_mask(x, index), n_masks, x2.shape[0])
+    xg = groups.gather(x2)
     rhs = _as_weight_product(wm, weight_layout == "in_out")
     yg = torch.bmm(xg, rhs) if bias is None else torch.baddbmm(bias, xg, rhs)
     return groups.scatter(yg).reshape(*x.shape[:-1], out_features)
@@ -114,36 +84,14 @@ def _grouped_masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, 
                                        zeta: float, tau: float, needs_input_grad: bool, needs_weight_grad: bool
                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_logits, grad_bias); gradients that were not asked for are empty tensors."""
-    n_masks = logits.shape[0]
-    blk = tuple(block)
-    in_out = weight_layout == "in_out"
     params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
-    backend = resolve(x.device)
-    logits = logits.contiguous()
-    groups = _TokenGroups(x, index, n_masks)
-    dy2 = ref.flatten_tokens(grad_out)
-    dyg, xg = groups.gather(dy2), groups.gather(ref.flatten_tokens(x))
-    # One mask at a time, as the single-mask backward: dWm_k (float32 from the GEMM for half dtypes), then one fused
-    # pass for d(logits_k) and W * m_k, then dx_k. Per-weight temporaries: one dWm, one W * m, not K of each.
-    grad_logits = torch.empty(logits.shape, dtype=ref.compute_dtype(logits), device=logits.device)
-    grad_xg = torch.empty_like(xg) if needs_input_grad else None
-    grad_weight_acc = torch.zeros(weight.shape, dtype=ref.compute_dtype(weight), device=weight.device) \
-        if needs_weight_grad else None
-    n_gates = logits[0].numel()
-    for k in range(n_masks):
-        params_k = dataclasses.replace(params, offset=ref.mask_offset(params.offset, k, n_gates))
-        grad_wm = matmul_acc(xg[k].t(), dyg[k]) if in_out else matmul_acc(dyg[k].t(), xg[k])
-        grad_logits[k], grad_weight_k, wm = backend.mask_grad(grad_wm, weight, logits[k], blk, params_k,
-                                                              needs_weight_grad, needs_input_grad)
-        if needs_input_grad:
-            torch.mm(dyg[k], wm.t() if in_out else wm, out=grad_xg[k])
-        if needs_weight_grad:
-            grad_weight_acc += grad_weight_k
-    grad_x = groups.scatter(grad_xg).reshape(x.shape) if needs_input_grad else x.new_empty(0)
-    grad_logits = grad_logits.to(logits.dtype)
-    grad_weight = grad_weight_acc.to(weight.dtype) if needs_weight_grad else x.new_empty(0)
-    grad_bias = dy2.sum(0).to(grad_out.dtype) if has_bias else x.new_empty(0)
-    return grad_x, grad_weight, grad_logits, grad_bias
+    grad_x, grad_weight, grad_logits, grad_bias = resolve(x.device).grouped_masked_linear_backward(
+        ref.flatten_tokens(grad_out), ref.flatten_tokens(x), weight, logits.contiguous(), has_bias,
+        _token_mask(x, index), tuple(block), weight_layout == "in_out", params, needs_input_grad, needs_weight_grad)
+    return (grad_x.reshape(x.shape) if needs_input_grad else x.new_empty(0),
+            grad_weight.to(weight.dtype) if needs_weight_grad else x.new_empty(0),
+            grad_logits.to(logits.dtype),
+            grad_bias.to(grad_out.dtype) if has_bias else x.new_empty(0))
 
 
 @_grouped_masked_linear_backward_op.register_fake
@@ -195,10 +143,9 @@ def grouped_masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.T
     make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
     axis = ref.unit_axis(logits.shape[1:], weight_layout)
     if axis is not None:  # whole units, heads or the layer: every mask in the same two GEMMs, no masked weights
-        token_mask = None if index is None else index.repeat_interleave(x.shape[1:-1].numel())
         return unit_masked_linear(x, weight, logits, bias, axis, blk, weight_layout, estimator, seed, offset,
                                   bool(training), bool(inverse), beta, float(gamma), float(zeta), float(tau),
-                                  token_mask=token_mask)
+                                  token_mask=_token_mask(x, index))
     return _grouped_masked_linear_op(x, weight, logits, bias, index, estimator, seed, offset, bool(training),
                                      bool(inverse), weight_layout, list(blk), beta, float(gamma), float(zeta),
                                      float(tau))

@@ -7,8 +7,8 @@ Meent, Wallace, EMNLP 2021), one mask per factor, all K masks learned in one for
   (the paper's), ``hard_concrete`` or ``gumbel_sigmoid_st``. The representation z_k is the attention-masked mean
   of the last hidden states under mask k.
 * Top-block caching: the blocks below the masked ones are frozen and unmasked, so their output (the input of the
-  first masked block) is computed once per text, in the same pass as the unmasked baseline's features, and every
-  training / evaluation forward runs from it (the lower blocks swapped for pass-throughs). A step then costs the
+  first masked block) is computed once per text (and cached on disk as knowledge's are: ``..blocks``), and every
+  forward, the unmasked baseline's included, runs from it (the lower blocks swapped for pass-throughs). A step costs the
   masked blocks only: measured on the shared 2-core CPU (1 thread, 48 texts of <= 24 tokens, K = 2, weight masks)
   0.7 s with the top 2 blocks and 1.2 s with the top 3, against 1.5-1.7 s for 36 texts through all 6 blocks.
 * One step: B anchors; per factor k a positive (same value of factor k; with ``triplet_sampling=contrast`` also a

@@ -21,8 +21,8 @@ Correlation control: every split is drawn from disjoint pools of the four (facto
 fraction ``agreement`` of its examples have label_A == label_B (0.5: independent and balanced; 0.8 / 0.2: the
 correlation of training data / its reversal, for the robustness test).
 
-A run's data: ``_load_splits`` (the setting's data cut into the train / probe / test / shifted splits of the config)
-and ``Encoded`` (a split's texts tokenised, and the cached input of the first masked block).
+A run's data: ``_load_splits`` (the setting's data cut into the train / probe / test / shifted splits of the config);
+each split's texts are then tokenised with the cached input of the first masked block (``..blocks.EncodedTexts``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from ...assets import data_path
 from ..runner import ConfigError
@@ -271,7 +270,7 @@ class TripletSampler:
         return positives, negatives
 
 
-# --- a run's splits, tokenised ------------------------------------------------------------------------------
+# --- a run's splits -----------------------------------------------------------------------------------------
 def _load_splits(config: DisentangleConfig) -> tuple:
     if config.data == "reviews":
         data = load_reviews(config.data_dir, limit=config.data_limit)
@@ -287,26 +286,5 @@ def _load_splits(config: DisentangleConfig) -> tuple:
     return data, splits
 
 
-class Encoded:
-    """Token ids (padded to the longest text, cut at max_length) of a list of texts, and once set, ``h0``: the
-    input of the first masked block for every text (n, tokens, hidden; None: the masks cover every block)."""
-
-    def __init__(self, tokenizer, texts: Sequence[str], max_length: int):
-        batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        self.input_ids, self.attention_mask = batch["input_ids"], batch["attention_mask"]
-        self.h0 = None
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def batch(self, indices, device):
-        """(input_ids, attention_mask, h0 or None) of ``indices``, trimmed to their longest text."""
-        index = torch.as_tensor(list(indices), dtype=torch.long)
-        mask = self.attention_mask[index]
-        width = max(int(mask.sum(1).max()), 1)
-        h0 = None if self.h0 is None else self.h0[index, :width].to(device)
-        return self.input_ids[index, :width].to(device), mask[:, :width].to(device), h0
-
-
 __all__ = ["FactorData", "TwitterAAE", "twitter_aae", "tweet_tokens", "load_tweets", "ASPECT_LEXICON", "review_aspect",
-           "load_reviews", "cell_counts", "correlated_splits", "TripletSampler", "Encoded"]
+           "load_reviews", "cell_counts", "correlated_splits", "TripletSampler"]

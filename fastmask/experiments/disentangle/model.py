@@ -14,11 +14,10 @@ from torch import nn
 
 import fastmask as fm
 
-from ... import assets
-from ..blocks import block_index, block_list, run_from_block
-from ..runner import BatchStream, ConfigError, seed_everything
+from ..blocks import EncodedTexts, TopBlocks, block_index, block_list, top_blocks
+from ..pretrained import load_model
+from ..runner import BatchStream, seed_everything
 from .config import SPLITS, DisentangleConfig
-from .data import Encoded
 
 
 # --- losses -------------------------------------------------------------------------------------------------
@@ -94,20 +93,6 @@ def magnitude_prune(model, sparsity: float, scope: str = "global") -> dict:
 
 
 # --- the model ----------------------------------------------------------------------------------------------
-def encoder_blocks(encoder) -> tuple[str, int]:
-    """(qualified name of the encoder's list of transformer blocks, its length), from the default mask targets."""
-    path, n_blocks, _ = block_list(encoder)
-    return path, n_blocks
-
-
-def first_masked_block(encoder, top_blocks: int) -> int:
-    """Index of the lowest masked block: n_blocks - top_blocks (0 for top_blocks 0, i.e. every block)."""
-    _, n_blocks = encoder_blocks(encoder)
-    if top_blocks > n_blocks:
-        raise ConfigError(f"top_blocks must be <= the encoder's {n_blocks} blocks, got {top_blocks}")
-    return n_blocks - top_blocks if top_blocks else 0
-
-
 def mask_targets(encoder, first: int) -> Optional[list]:
     """MaskConfig.targets covering the default linear layers of the blocks from ``first`` up (None: every block)."""
     if first == 0:
@@ -121,14 +106,14 @@ class DisentangleModel(nn.Module):
 
     ``grouped(ids, mask, h0)``: the rows are K equal contiguous groups, group k through mask k: (K, rows / K, hidden).
     ``represent(ids, mask, k, h0)``: every row through mask k (k None: the encoder without masks).
-    ``h0``: the cached input of block ``first`` (``block_inputs``); given, the blocks below ``first`` are skipped
-    (None: the whole encoder runs)."""
+    ``h0``: the cached input of block ``first`` (``..blocks.block_inputs``); given, the blocks below ``first`` are
+    skipped (None: the whole encoder runs)."""
 
     def __init__(self, encoder, n_classes: Sequence[int], first: int = 0):
         super().__init__()
         self.encoder = encoder
         self.first = first
-        self._blocks_path = encoder_blocks(encoder)[0] if first else None
+        self.top = TopBlocks(encoder, first, block_list(encoder)[0])  # not a submodule: it runs self.encoder
         self.n_masks = len(n_classes)
         if fm.masked_modules(encoder) and next(iter(fm.masked_modules(encoder).values())).n_masks != self.n_masks:
             raise ValueError(f"DisentangleModel: the encoder has masks of another count than the {self.n_masks} "
@@ -136,18 +121,9 @@ class DisentangleModel(nn.Module):
         hidden = encoder.config.hidden_size
         self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in n_classes)
 
-    def block_inputs(self, input_ids, attention_mask):
-        """The input of block ``first`` (the output of the frozen, unmasked blocks below it), no gradient."""
-        with torch.no_grad():
-            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return out.hidden_states[self.first].detach()
-
     def pooled(self, input_ids, attention_mask, h0=None):
         """Mean-pooled last hidden states under the current mask mode."""
-        blocks = self.encoder.get_submodule(self._blocks_path) if self.first else None
-        with run_from_block(blocks, self.first if h0 is not None else 0, h0):
-            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        return mean_pool(out.last_hidden_state, attention_mask)
+        return mean_pool(self.top.hidden(input_ids, attention_mask, h0), attention_mask)
 
     def grouped(self, input_ids, attention_mask, h0=None):
         rows = input_ids.shape[0]
@@ -165,7 +141,7 @@ class DisentangleModel(nn.Module):
             return self.pooled(input_ids, attention_mask, h0)
 
 
-def step_loss(model: DisentangleModel, data: Encoded, labels, sampler, anchors: Sequence[int], step: int, config,
+def step_loss(model: DisentangleModel, data: EncodedTexts, labels, sampler, anchors: Sequence[int], step: int, config,
               device, share: float = 1.0, rank: int = 0, world: int = 1) -> tuple:
     """The training loss of one step and its row of history.csv (see the package docstring). Data parallel: the
     triplets are drawn for all ``anchors`` (the global batch, so every rank draws the one-process run's triplets),
@@ -198,7 +174,7 @@ class StepLoss(nn.Module):
     """``step_loss`` of this rank's share as a module: DDP hooks a module's forward and averages the gradients of the
     masks and heads through it."""
 
-    def __init__(self, model: DisentangleModel, data: Encoded, labels, sampler, config, device, rank: int = 0,
+    def __init__(self, model: DisentangleModel, data: EncodedTexts, labels, sampler, config, device, rank: int = 0,
                  world: int = 1):
         super().__init__()
         self.model, self.data, self.labels, self.sampler = model, data, labels, sampler
@@ -213,18 +189,13 @@ class StepLoss(nn.Module):
 
 # --- building the encoder and its masks ---------------------------------------------------------------------
 def _load_encoder(config: DisentangleConfig, device):
-    # transformers' auto classes take about a second to import (`import fastmask` does not load them): only here.
-    from transformers import AutoModel, AutoTokenizer
-
-    source = assets.resolve_model(config.model)
-    encoder = AutoModel.from_pretrained(source, dtype=torch.float32).eval().to(device)  # dropout off
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return encoder, tokenizer, source
+    """(encoder in eval mode on ``device``: dropout off, its tokenizer, where it came from)."""
+    return load_model(config.model, "AutoModel", device, dtype=torch.float32)
 
 
 def _masked_model(encoder, config: DisentangleConfig, n_classes, prune_sparsity: float):
     """``encoder`` with K masks over its top ``config.top_blocks`` blocks (weights pruned first) and fresh heads."""
-    first = first_masked_block(encoder, config.top_blocks)
+    first = top_blocks(encoder, config.top_blocks, "top_blocks")[2]
     mask_config = fm.MaskConfig(estimator=config.estimator, granularity=config.granularity,
                                 init_keep=config.init_keep, n_masks=len(n_classes), seed=config.seed,
                                 targets=mask_targets(encoder, first))
@@ -240,7 +211,7 @@ def _optimizer(model: DisentangleModel, config: DisentangleConfig):
                              {"params": list(model.heads.parameters()), "lr": config.head_lr}])
 
 
-def _features(fn, data: Encoded, batch: int, device):
+def _features(fn, data: EncodedTexts, batch: int, device):
     """``fn(input_ids, attention_mask, h0)`` over ``data`` in batches of ``batch``, no gradient, on the CPU."""
     with torch.no_grad():
         return torch.cat([fn(*data.batch(range(i, min(i + batch, len(data))), device)).cpu()
@@ -280,11 +251,11 @@ def finetuned_features(config: DisentangleConfig, encoded: dict, labels: dict, f
     ``factor`` (cross-entropy, Adam, ``finetune_steps`` batches of ``batch_size``). {split: pooled features}."""
     seed_everything(config.seed + factor)
     encoder, _, _ = _load_encoder(config, device)
-    first = first_masked_block(encoder, config.top_blocks)
+    first = top_blocks(encoder, config.top_blocks, "top_blocks")[2]
     model = DisentangleModel(encoder, n_classes, first).to(device)
     for p in encoder.parameters():
         p.requires_grad_(False)
-    trained = list(encoder.get_submodule(encoder_blocks(encoder)[0])[first:].parameters())
+    trained = list(model.top.blocks[first:].parameters())
     for p in trained:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": trained, "lr": config.finetune_lr},

@@ -14,13 +14,14 @@ from tqdm.auto import tqdm
 import fastmask as fm
 
 from ... import distributed as fmd
+from ..blocks import EncodedTexts, top_blocks
 from ..runner import (BatchStream, ConfigError, TrainState, add_config_arguments, open_run, resolve_device, run_cli,
-                      seed_everything)
+                      seed_everything, weights_key)
 from .config import EXPERIMENT, SPLITS, DisentangleConfig
-from .data import Encoded, TripletSampler, _load_splits
+from .data import TripletSampler, _load_splits
 from .evaluate import _mask_features, _unmasked_features, disentanglement_score, leakage_table, zero_fraction
 from .model import (StepLoss, _load_encoder, _masked_model, _optimizer, adversarial_features, finetuned_features,
-                    first_masked_block, step_loss)
+                    step_loss)
 from .report import _plots, report_markdown
 
 
@@ -55,11 +56,13 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
     factors, values = data.factors, data.values
     n_classes = [len(v) for v in values]
     encoder, tokenizer, source = _load_encoder(config, device)
-    encoded = {s: Encoded(tokenizer, splits[s].texts, config.max_length) for s in SPLITS}
+    encoded = {s: EncodedTexts.from_texts(tokenizer, splits[s].texts, config.max_length) for s in SPLITS}
     labels = {s: torch.tensor(splits[s].labels, dtype=torch.long) for s in SPLITS}
-    # The unmasked baseline: the original (unpruned) encoder; the same pass caches the masked blocks' inputs.
-    first = first_masked_block(encoder, config.top_blocks)
-    features = {"unmasked": _unmasked_features(encoder, encoded, first, config.eval_batch, device)}
+    # The unmasked baseline: the original (unpruned) encoder, run from the masked blocks' inputs, which are computed
+    # here once (and cached on disk under the encoder's weights).
+    first = top_blocks(encoder, config.top_blocks, "top_blocks")[2]
+    features = {"unmasked": _unmasked_features(encoder, encoded, first, config.eval_batch, device,
+                                               weights_key(encoder, config.model))}
     setup_seconds = time.perf_counter() - started
 
     model, pruned = _masked_model(encoder, config, n_classes, config.prune_sparsity)

@@ -23,11 +23,12 @@ language modelling (WikiText-2):
   layer; gold-token rank and log-probability deltas; sparsity overall, per layer and attention vs MLP.
 
 Speed: the blocks below the masked ones are frozen and unmasked, so their output on the fixed data sets is computed
-once; each step then runs only the top blocks (``TopBlocks``), and the LM head only at the scored positions (all
-positions for LM text). On a GPU the masked layers run the fused kernels of the active fastmask backend.
+once (and cached on disk, ``fastmask.experiments.blocks``); each step then runs only the top blocks (``TopBlocks``),
+and the LM head only at the scored positions (all positions for LM text). On a GPU the masked layers run the fused
+kernels of the active fastmask backend.
 
 Modules: ``config`` (KnowledgeConfig), ``data`` and ``wordnet`` (knowledge graphs, sentences, LM text, tokenised
-data), ``model`` (top blocks, loss terms), ``evaluate``, ``train`` (run_experiment, the command line), ``report``.
+data), ``model`` (loading, loss terms), ``evaluate``, ``train`` (run_experiment, the command line), ``report``.
 """
 
 from .config import EXPERIMENT, KnowledgeConfig

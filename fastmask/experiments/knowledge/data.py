@@ -1,6 +1,6 @@
 """Data of the knowledge-critical subnetwork experiment: WordNet hypernym triplets (their graphs are built in
 ``wordnet``), their verbalisations, the paper's released sets, template choice by perplexity, LM text blocks, and
-the tokenised sentences whose tail tokens are scored (``Encoded``).
+the tokenised sentences whose tail tokens are scored (``ScoredSentences``).
 
 Verbalisation. Each triplet has candidate sentences ("A house is a kind of building", " House is a building", ...:
 with and without the head's article and a leading space, relations "is", "is a kind of", "is a sort of", "is a type
@@ -21,6 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ... import assets
+from ..blocks import EncodedTexts
+from ..runner import cache as runner_cache
 
 RELATIONS = ("is", "is a kind of", "is a sort of", "is a type of", "is a hyponym of")
 PAPER_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # the released per-model template choices
@@ -223,35 +225,28 @@ def examples_from_json(rows: Sequence[dict]) -> list[Example]:
 
 
 # --- tokenised data ---------------------------------------------------------------------------------------------
-@dataclass
-class Encoded:
-    """Right-padded sentences with their scored tail tokens. Token ``gold[i]`` sits at position ``cols[i] + 1`` of
-    sentence ``rows[i]`` and is predicted by the logits at position ``cols[i]``."""
+@dataclass(kw_only=True)
+class ScoredSentences(EncodedTexts):
+    """Right-padded sentences (``EncodedTexts``: token ids, cached input of the first masked block) with their scored
+    tail tokens. Token ``gold[i]`` sits at position ``cols[i] + 1`` of sentence ``rows[i]`` and is predicted by the
+    logits at position ``cols[i]``."""
 
-    input_ids: object
-    attention_mask: object
     rows: object
     cols: object
     gold: object
     first_token: object  # True for the first scored token of each sentence (gold rank is taken there)
-    h0: object = None  # input of the first masked block, (N, T, H)
     full_hidden: object = None  # final hidden states of the unmasked model, (N, T, H): the maintenance reference
 
-    def __len__(self):
-        return self.input_ids.shape[0]
-
-    def batch(self, indices: Sequence[int]):
+    def batch(self, indices: Sequence[int], device=None):
         """(input_ids, attention_mask, h0, rows, cols, gold, first_token, full_hidden) of the sentences
         ``indices``, trimmed to their longest sentence; rows renumbered within the batch."""
+        ids, mask, h0 = super().batch(indices, device)
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        length = int(self.attention_mask[index].sum(dim=1).max())
         position = torch.full((len(self),), -1, dtype=torch.long)
         position[index] = torch.arange(len(index))
         keep = position[self.rows] >= 0
-        return (self.input_ids[index, :length], self.attention_mask[index, :length],
-                None if self.h0 is None else self.h0[index, :length], position[self.rows[keep]], self.cols[keep],
-                self.gold[keep], self.first_token[keep],
-                None if self.full_hidden is None else self.full_hidden[index, :length])
+        return (ids, mask, h0, position[self.rows[keep]], self.cols[keep], self.gold[keep], self.first_token[keep],
+                None if self.full_hidden is None else self.full_hidden[index, :ids.shape[1]])
 
 
 def tail_positions(tokenizer, sentence: str, tail_text: str, scope: str) -> tuple[list[int], list[int]]:
@@ -274,7 +269,8 @@ def _ids(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def encode(tokenizer, sentences: Sequence[str], tail_texts: Sequence[str], scope: str, pad_id: int) -> Encoded:
+def encode(tokenizer, sentences: Sequence[str], tail_texts: Sequence[str], scope: str,
+           pad_id: int) -> ScoredSentences:
     encoded = [tail_positions(tokenizer, s, t, scope) for s, t in zip(sentences, tail_texts)]
     length = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
@@ -285,17 +281,17 @@ def encode(tokenizer, sentences: Sequence[str], tail_texts: Sequence[str], scope
         attention[i, :len(ids)] = 1
         for j, p in enumerate(positions):
             rows.append(i), cols.append(p - 1), gold.append(ids[p]), first.append(j == 0)
-    return Encoded(input_ids, attention, torch.tensor(rows), torch.tensor(cols), torch.tensor(gold),
-                   torch.tensor(first))
+    return ScoredSentences(input_ids, attention, rows=torch.tensor(rows), cols=torch.tensor(cols),
+                           gold=torch.tensor(gold), first_token=torch.tensor(first))
 
 
 # --- template choice ------------------------------------------------------------------------------------------
 def sentence_nll(model, tokenizer, sentences: Sequence[str], pad_id: int, batch_size: int, device,
                  cache_key: Optional[str] = None, progress: bool = False) -> dict[str, float]:
     """{sentence: mean NLL of its tokens after the first} under the (unmasked) model; results are cached in
-    $FASTMASK_CACHE/template-nll/<cache_key>.json so a model's choices are computed once per machine."""
-    cache_path = assets.cache_dir("template-nll") / f"{cache_key}.json" if cache_key else None
-    cache = json.loads(cache_path.read_text()) if cache_path and cache_path.is_file() else {}
+    $FASTMASK_CACHE/template-nll/<cache_key>.json (``cache_key``: the model's ``runner.weights_key``) so a model's
+    choices are computed once per machine."""
+    cache = (runner_cache.read_json("template-nll", cache_key) if cache_key else None) or {}
     todo = sorted({s for s in sentences if s not in cache}, key=len)
     for number, start in enumerate(tqdm(range(0, len(todo), batch_size), desc="template perplexity",
                                         disable=not progress or not todo, leave=False)):
@@ -312,8 +308,8 @@ def sentence_nll(model, tokenizer, sentences: Sequence[str], pad_id: int, batch_
         valid = mask[:, 1:].to(device).float()
         nll = (-(logp * valid).sum(1) / valid.sum(1).clamp(min=1)).tolist()
         cache.update(zip(chunk, nll))
-        if cache_path and (number % 16 == 15 or start + batch_size >= len(todo)):  # progress survives a kill
-            assets.atomic_write_text(cache_path, json.dumps(cache))
+        if cache_key and (number % 16 == 15 or start + batch_size >= len(todo)):  # progress survives a kill
+            runner_cache.write_json("template-nll", cache_key, cache)
     return {s: cache[s] for s in sentences}
 
 
@@ -340,5 +336,5 @@ class Prepared:
 
 __all__ = ["DataError", "Triplet", "Example", "RELATIONS", "PAPER_MODELS", "PAPER_TARGETS", "synset_text", "article",
            "candidate_sentences", "fixed_example", "sample", "paper_targetkg", "paper_controlkg_val", "paper_model_key",
-           "detokenize_wikitext", "wikitext_text", "lm_blocks", "examples_to_json", "examples_from_json", "Encoded",
-           "encode", "tail_positions", "sentence_nll", "choose_templates", "Prepared"]
+           "detokenize_wikitext", "wikitext_text", "lm_blocks", "examples_to_json", "examples_from_json",
+           "ScoredSentences", "encode", "tail_positions", "sentence_nll", "choose_templates", "Prepared"]

@@ -10,13 +10,13 @@ import torch
 
 import fastmask as fm
 
-from ..blocks import block_index
-from .data import Encoded
-from .model import TopBlocks, random_subnetwork
+from ..blocks import TopBlocks, block_index
+from .data import ScoredSentences
+from .model import random_subnetwork
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------
-def score_sentences(top: TopBlocks, data: Encoded, batch_size: int) -> dict:
+def score_sentences(top: TopBlocks, data: ScoredSentences, batch_size: int) -> dict:
     """NLL of every scored token, gold rank (1 = top) and log-prob sum per sentence, under the model's current
     mode (no grad)."""
     nll, ranks, logprob = [], [], torch.zeros(len(data))

@@ -1,136 +1,30 @@
-"""The model side of the knowledge experiment: loading the causal LM, running only its top (masked) blocks from a
-cache of the lower blocks' output (``TopBlocks``), the loss terms of one step (KL suppression and maintenance terms,
+"""The model side of the knowledge experiment: loading the causal LM (it runs only its top, masked blocks from a cache
+of the lower blocks' output: ``..blocks.TopBlocks``), the loss terms of one step (KL suppression and maintenance terms,
 ``loss_terms``, ``StepLoss``) and the random subnetwork of equal size (the evaluation baseline)."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from contextlib import contextmanager
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
 from torch import nn
 
 import fastmask as fm
 
-from ... import assets
-from ..blocks import block_index, block_list, run_from_block
-from ..runner import ConfigError
+from ..blocks import TopBlocks
+from ..pretrained import load_model, pad_token_id
 from .config import KnowledgeConfig
 
 
-# --- running only the top blocks ----------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-class TopBlocks:
-    """Runs a causal LM from the input of its first masked block. ``inputs(ids, mask)`` runs the (unmasked, frozen)
-    lower blocks once and returns that input; ``hidden(ids, mask, h0)`` runs only the blocks from ``first`` on,
-    starting at ``h0``, and returns the final (normed) hidden states; ``head(h)`` applies the LM head. Equal to the
-    whole model's forward up to float rounding."""
-
-    def __init__(self, model, first: int, blocks_path: str):
-        self.model, self.first = model, first
-        self.blocks = model.get_submodule(blocks_path)
-        self.base = model.base_model
-        self.lm_head = model.get_output_embeddings()
-        if self.lm_head is None:
-            raise ValueError(f"{type(model).__name__} has no output embeddings (LM head): not a causal LM")
-
-    def inputs(self, input_ids, attention_mask):
-        """The input of block ``first`` (no grad), computing only the blocks below it."""
-        captured = []
-
-        def grab(module, args, kwargs):
-            captured.append(args[0] if args else kwargs["hidden_states"])
-            raise _Stop
-
-        handle = self.blocks[self.first].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return captured[0].detach()
-
-    def hidden(self, input_ids, attention_mask, h0):
-        with run_from_block(self.blocks, self.first, h0):
-            return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-    def head(self, hidden):
-        return self.lm_head(hidden)
-
-
-def top_block_targets(model, k: int) -> tuple[list[str], str, int, int]:
-    """(names of the default attention/MLP layers in the top ``k`` blocks, the block list, its length, the first
-    masked block)."""
-    path, n_blocks, names = block_list(model)
-    if k > n_blocks:
-        raise ConfigError(f"top_k_layers must be <= the model's {n_blocks} blocks, got {k}")
-    first = n_blocks - k
-    return [n for n in names if block_index(n)[1] >= first], path, n_blocks, first
-
-
-def block_inputs(top: TopBlocks, input_ids, attention_mask, batch_size: int, device,
-                 weights_key: Optional[str] = None):
-    """``top.inputs`` over batches, cached in $FASTMASK_CACHE/block-inputs/ under the model, the first masked block
-    and the exact tokens (safetensors; a few MB), so that repeated runs skip the lower blocks entirely."""
-    path = None
-    if weights_key is not None:
-        digest = hashlib.sha256(f"{weights_key}|{top.first}|{tuple(input_ids.shape)}".encode())
-        digest.update(input_ids.numpy().tobytes())
-        digest.update(attention_mask.numpy().tobytes())
-        path = assets.cache_dir("block-inputs") / f"{digest.hexdigest()[:24]}.safetensors"
-        if path.is_file():
-            try:
-                return load_file(str(path))["h0"].to(device)
-            except Exception:  # noqa: BLE001 - an unreadable cache entry is recomputed
-                pass
-    with torch.no_grad():
-        h0 = torch.cat([top.inputs(input_ids[i:i + batch_size].to(device), attention_mask[i:i + batch_size].to(device))
-                        for i in range(0, len(input_ids), batch_size)])
-    if path is not None:
-        assets.atomic_write_bytes(path, save({"h0": h0.detach().to("cpu").contiguous()}))
-    return h0
-
-
-# --- the model: loading it, and the identity of its weights --------------------------------------------------
+# --- the model ----------------------------------------------------------------------------------------------
 def _load_model(config: KnowledgeConfig, device):
-    # transformers takes seconds to import: only when a model is loaded, not when the CLI builds its parser
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = assets.resolve_model(config.model)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError):
-        if getattr(model.config, "model_type", None) != "gpt2":
-            raise
-        tokenizer = AutoTokenizer.from_pretrained(assets.gpt2_tokenizer_dir())  # a GPT-2 folder without one
+    """(causal LM in eval mode on ``device``, tokenizer, padding id, where the model came from). Eval: dropout off
+    (the paper's use_dropout=False); the masks train."""
+    model, tokenizer, source = load_model(config.model, "AutoModelForCausalLM", device, dtype=torch.float32)
     model.config.use_cache = False
-    model.eval().to(device)  # eval: dropout off (the paper's use_dropout=False); the masks train below
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        pad_id = 0
-    return model, tokenizer, pad_id, source
-
-
-def _model_key(model, name: str) -> str:
-    """A short identity of the model's weights (every parameter's name, shape, sum and first 256 KiB), keying the
-    template-perplexity and block-input caches: a fine-tuned variant of the same base gets another key."""
-    digest = hashlib.sha256(f"{name}|{type(model).__name__}".encode())
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            flat = param.detach().reshape(-1)
-            digest.update(f"{param_name}|{list(param.shape)}|{param.dtype}|{flat.double().sum().item()!r}".encode())
-            digest.update(flat[: 1 << 16].to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:20]
+    return model, tokenizer, pad_token_id(tokenizer), source
 
 
 # --- the loss terms (each a mean over scored positions) -----------------------------------------------------
@@ -159,8 +53,9 @@ def final_hidden(top: TopBlocks, input_ids, attention_mask, h0, batch_size: int)
 
 
 def _tail_logits(top: TopBlocks, batch, full: bool):
-    """Logits predicting each scored tail token (from the position before it) for a batch of Encoded.batch: of the
-    current (masked) model, or of the unmasked one (``full``, from the batch's cached final hidden states)."""
+    """Logits predicting each scored tail token (from the position before it) for a batch of
+    ScoredSentences.batch: of the current (masked) model, or of the unmasked one (``full``, from the batch's cached
+    final hidden states)."""
     ids, mask, h0, rows, cols, _, _, full_hidden = batch
     device = h0.device
     if full:
@@ -171,8 +66,8 @@ def _tail_logits(top: TopBlocks, batch, full: bool):
 
 
 def _tail_logits_joint(top: TopBlocks, first_batch, second_batch):
-    """``_tail_logits(top, b, full=False)`` of two batches of Encoded.batch from one forward (right-padded to the
-    longer one; padding is masked out, so each sentence's logits are those of its own batch)."""
+    """``_tail_logits(top, b, full=False)`` of two batches of ScoredSentences.batch from one forward (right-padded to
+    the longer one; padding is masked out, so each sentence's logits are those of its own batch)."""
     length = max(first_batch[0].shape[1], second_batch[0].shape[1])
 
     def pad(t):  # (B, T, ...) -> (B, length, ...), zeros after the sentence
@@ -240,5 +135,4 @@ def random_subnetwork(model, seed: int):
                 layer.logits.copy_(saved[name])
 
 
-__all__ = ["TopBlocks", "top_block_targets", "block_inputs", "kl_uniform_to", "kl_full_to", "final_hidden",
-           "loss_terms", "StepLoss", "random_subnetwork"]
+__all__ = ["kl_uniform_to", "kl_full_to", "final_hidden", "loss_terms", "StepLoss", "random_subnetwork"]

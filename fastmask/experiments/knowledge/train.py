@@ -19,13 +19,14 @@ import fastmask as fm
 from ... import assets
 from ... import distributed as fmd
 from ...assets import atomic_write_text
+from ..blocks import TopBlocks, block_inputs, top_blocks
 from ..runner import (BatchStream, ConfigError, Run, TrainState, add_config_arguments, open_run, resolve_device,
-                      run_cli, seed_everything)
+                      run_cli, seed_everything, weights_key)
 from . import data as kd
 from .config import EXPERIMENT, KnowledgeConfig
 from .data import DataError, Prepared, choose_templates, encode, sentence_nll
 from .evaluate import evaluate, sparsity_report, summarize
-from .model import StepLoss, TopBlocks, _load_model, _model_key, block_inputs, final_hidden, top_block_targets
+from .model import StepLoss, _load_model, final_hidden
 from .report import _plots, report_markdown
 from .wordnet import wordnet_controlkg, wordnet_targetkg
 
@@ -48,7 +49,7 @@ def lr_factor(step: int, total: int, warmup_frac: float) -> float:
 
 # --- the data, prepared once per results folder (data.json) -----------------------------------------------------
 def _prepare_data(config: KnowledgeConfig, model, tokenizer, pad_id: int, device, log,
-                  weights_key: str) -> Prepared:
+                  cache_key: str) -> Prepared:
     """TargetKG, training ControlKG, evaluation ControlKG with their sentences (template chosen per model)."""
     sources = {}
     model_key = kd.paper_model_key(config.model)
@@ -123,7 +124,7 @@ def _prepare_data(config: KnowledgeConfig, model, tokenizer, pad_id: int, device
     every = target + control_train + control_eval
     if rule in ("lowest-ppl", "released"):
         nll_of = lambda sentences: sentence_nll(model, tokenizer, sentences, pad_id, config.eval_batch,  # noqa: E731
-                                                device, weights_key, config.progress)
+                                                device, cache_key, config.progress)
         needs_choice = [e for e in every if not e.source.startswith("released")]
         choose_templates(needs_choice, "lowest-ppl", nll_of)
     sources["template"] = {"released": f"the paper's released choice for {model_key} (lowest-perplexity candidate "
@@ -167,11 +168,11 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     device = resolve_device(config.device)
     started = time.perf_counter()
     model, tokenizer, pad_id, source = _load_model(config, device)
-    names, blocks_path, n_blocks, first = top_block_targets(model, config.top_k_layers)
-    weights_key = _model_key(model, config.model)  # keys the template-NLL and block-input caches
+    blocks_path, n_blocks, first, names = top_blocks(model, config.top_k_layers, "top_k_layers")
+    cache_key = weights_key(model, config.model)  # keys the template-NLL and block-input caches
     prepared = _load_prepared(run) if resume else None
     if prepared is None and main:
-        prepared = _prepare_data(config, model, tokenizer, pad_id, device, log, weights_key)
+        prepared = _prepare_data(config, model, tokenizer, pad_id, device, log, cache_key)
         _save_prepared(run, prepared)
     fmd.barrier()
     if prepared is None:  # another rank: the data rank 0 prepared
@@ -190,8 +191,8 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
                            config.tail_tokens, pad_id)
     # Inputs of the first masked block: the lower blocks never change, so they run once (and are cached on disk).
     for data in sets.values():
-        data.h0 = block_inputs(top, data.input_ids, data.attention_mask, config.eval_batch, device, weights_key)
-    lm_train_h0, lm_eval_h0 = (block_inputs(top, b, torch.ones_like(b), config.eval_batch, device, weights_key)
+        data.h0 = block_inputs(top, data.input_ids, data.attention_mask, config.eval_batch, device, cache_key)
+    lm_train_h0, lm_eval_h0 = (block_inputs(top, b, torch.ones_like(b), config.eval_batch, device, cache_key)
                                for b in (lm_train, lm_eval))
     lm_train, lm_eval = lm_train.to(device), lm_eval.to(device)
     # The unmasked model's outputs on the maintenance data, once (before the masks exist; also on --resume).

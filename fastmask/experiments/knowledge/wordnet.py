@@ -10,10 +10,10 @@ ControlKG is other triplets: hypernym edges sampled from all of WordNet that tou
 
 from __future__ import annotations
 
-import json
 import re
 
 from ... import assets
+from ..runner import cache
 from .data import DataError, Triplet, sample
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z][A-Za-z_'-]*\.n\.\d\d$")
@@ -53,9 +53,9 @@ def wordnet_targetkg(root: str, depth: int = 2, ancestors: int = 2, wn=None) -> 
 def noun_hypernym_edges(wn=None) -> list[Triplet]:
     """Every (noun, first-listed hypernyms) edge of WordNet 3.0 between plainly named synsets, cached as JSON in
     $FASTMASK_CACHE/wordnet/ (listing 82k synsets takes a few seconds)."""
-    path = assets.cache_dir("wordnet") / "noun_hypernym_edges.json"
-    if path.is_file():
-        return [Triplet(h, t) for h, t in json.loads(path.read_text())]
+    edges = cache.read_json("wordnet", "noun_hypernym_edges")
+    if edges is not None:
+        return [Triplet(h, t) for h, t in edges]
     wn = wn or assets.wordnet()
     edges = []
     for synset in wn.all_synsets("n"):
@@ -63,7 +63,7 @@ def noun_hypernym_edges(wn=None) -> list[Triplet]:
             if _PLAIN_NAME.match(synset.name()) and _PLAIN_NAME.match(parent.name()):
                 edges.append((synset.name(), parent.name()))
     edges.sort()
-    assets.atomic_write_text(path, json.dumps(edges))
+    cache.write_json("wordnet", "noun_hypernym_edges", edges)
     return [Triplet(h, t) for h, t in edges]
 
 

@@ -41,13 +41,19 @@ times out of the history (put them in metrics.json).
 Results (``<out>/``): config.json (loadable with ``--config``), history.csv (one row per step), metrics.json,
 masks/ (fastmask.save_masks), *.png plots, report.md.
 
+Machine-wide cache (``$FASTMASK_CACHE/<kind>/<key>``): what a run computes from a model and its data that later runs
+would compute again (template perplexities, block inputs), keyed by ``weights_key`` / ``content_key``; see ``cache``.
+
 The package's modules: ``config`` (RunConfig, ConfigError, flags and config files), ``checkpoint`` (TrainState,
-save / read / load checkpoints), ``data`` (BatchStream), ``run`` (Run, open_run, run_cli, devices, threads, seeds)
-and ``report`` (plots, history.csv, markdown tables). Import from the package: it re-exports every name.
+save / read / load checkpoints), ``data`` (BatchStream), ``run`` (Run, open_run, run_cli, devices, threads, seeds),
+``report`` (plots, history.csv, markdown tables) and ``cache`` (the machine-wide cache). Import from the package: it
+re-exports every name.
 """
 
 from __future__ import annotations
 
+from . import cache
+from .cache import content_key, weights_key
 from .checkpoint import (CheckpointError, TrainState, checkpoint_folders, load_checkpoint, read_checkpoint,
                          save_checkpoint)
 from .config import (ConfigError, RunConfig, add_config_arguments, check, config_from_args, config_from_dict,
@@ -68,4 +74,5 @@ from .run import DISTRIBUTED_TIMEOUT_S, choose_threads, open_run, run_cli  # noq
 __all__ = ["RunConfig", "ConfigError", "CheckpointError", "check", "add_config_arguments", "config_from_args",
            "config_from_dict", "config_to_dict", "load_config", "read_config_file", "resolve_device",
            "seed_everything", "BatchStream", "TrainState", "save_checkpoint", "read_checkpoint", "load_checkpoint",
-           "checkpoint_folders", "Run", "read_history", "plot_history", "save_figure", "pyplot", "markdown_table"]
+           "checkpoint_folders", "Run", "read_history", "plot_history", "save_figure", "pyplot", "markdown_table",
+           "cache", "weights_key", "content_key"]

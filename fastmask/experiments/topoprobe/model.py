@@ -11,35 +11,26 @@ import torch
 import fastmask as fm
 
 from ...probing import DepthProbe, probe_regulariser_loss
+from ..pretrained import import_transformers, load_pretrained, load_tokenizer
 from ..runner import BatchStream, seed_everything
 from .config import TopoprobeConfig
 from .data import _encode_cola
 
 
 # --- setup --------------------------------------------------------------------------------------------------
-def _quiet_transformers():
-    import transformers  # lazy: transformers takes seconds to import, and `fastmask run topoprobe --help` loads none
-
-    transformers.logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected
-
-
 def load_encoder(source: str, masks: Optional[str], device):
     """(tokenizer, base encoder in eval mode). With ``masks``: the model class the masks were saved for is loaded,
     patched by fm.load_masks (saved MaskConfig, eval-mode gates) and its base encoder returned."""
-    # lazy: the hub loaders of transformers take seconds to import, only worth it when a model is loaded
-    import transformers
-    from transformers import AutoModel, AutoTokenizer
-
-    _quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+    transformers = import_transformers(quiet=True)
+    tokenizer = load_tokenizer(source, use_fast=True)
     if masks is None:
-        return tokenizer, AutoModel.from_pretrained(source).to(device).eval()
+        return tokenizer, load_pretrained(source, "AutoModel", device, quiet=True)
     meta = fm.io.read_mask_metadata(masks)
     architecture = meta.get("fingerprint", {}).get("architecture")
     model_class = getattr(transformers, architecture, None) if architecture else None
     if model_class is None or not hasattr(model_class, "from_pretrained"):
-        model_class = AutoModel
-    model = model_class.from_pretrained(source)
+        architecture = "AutoModel"
+    model = load_pretrained(source, architecture, quiet=True)
     fm.load_masks(model, masks)
     return tokenizer, model.base_model.to(device).eval()
 
@@ -50,12 +41,10 @@ def finetune_model(source: str, tokenizer, train_rows, layer: Optional[int], see
     """The training half of one fine-tuning run on CoLA (``layer`` None: plain fine-tuning): cross-entropy, plus
     ``config.probe_weight`` x the pseudo-label loss of a depth probe at ``layer`` (started from ``probe_init`` when
     given). Returns (the classifier in eval mode, its training record: final losses, trainable parameters)."""
-    # lazy: the hub loaders of transformers take seconds to import, only worth it when a model is loaded
-    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup  # lazy: transformers takes seconds to import
 
-    _quiet_transformers()
     seed_everything(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2).to(device)
+    model = load_pretrained(source, "AutoModelForSequenceClassification", device, quiet=True, num_labels=2)
     if config.freeze_word_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
