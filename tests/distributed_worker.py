@@ -150,6 +150,9 @@ def main(argv=None) -> int:
         train(scenario, args.out, distributed=not args.reference, die_at_step=args.die_at_step,
               stop_at=args.stop_at, resume=args.resume, checkpoint_every=args.checkpoint_every)
     if not args.reference:
+        # Every rank done with its collectives before any tears the group down (a peer's closing socket can abort
+        # a rank still inside gloo).
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 

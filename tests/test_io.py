@@ -126,7 +126,7 @@ def test_files_are_safetensors_and_json_and_writes_are_atomic(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.safetensors"]
     raw = path.read_bytes()
     header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])  # safetensors: u64 length + JSON header
-    assert header["__metadata__"] == {"format": "fastmask.masks", "format_version": "1"}
+    assert header["__metadata__"] == {"format": "fastmask.masks"}  # one key (see the next test)
     assert {k for k in header if k != "__metadata__"} == set(masked_modules(model))
     assert header["transformer.h.0.attn.c_attn"] == {"dtype": "F32", "shape": [1, 192],
                                                      "data_offsets": header["transformer.h.0.attn.c_attn"]
@@ -141,6 +141,25 @@ def test_files_are_safetensors_and_json_and_writes_are_atomic(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="disk full"):
         save_masks(model, tmp_path / "run.safetensors")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old files intact, no temporaries
+
+
+def test_the_same_masks_are_the_same_bytes_in_every_process(tmp_path):
+    """safetensors writes a metadata map in a random order per process: with one header key, the same masks saved
+    by two processes are the same bytes (and the JSON's masks_sha256 the same), so a rerun can be checked by hash."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch, fastmask as fm\n"
+              "from transformers import GPT2Config, GPT2LMHeadModel\n"
+              "torch.manual_seed(0)\n"
+              "model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))\n"
+              "fm.save_masks(fm.apply(model, fm.MaskConfig(granularity='weight')), sys.argv[1])\n")
+    for name in "abcd":  # with two keys in random order, four processes agree with probability 1/8
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], capture_output=True, text=True,
+                              cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert len({(tmp_path / name / "masks.safetensors").read_bytes() for name in "abcd"}) == 1
+    assert len({json.loads((tmp_path / name / "mask_config.json").read_text())["masks_sha256"] for name in "abcd"}) == 1
 
 
 # --- merge ----------------------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from .merging import merge, unapply
 # use some of them), though not in __all__.
 from .dtensor import architecture_name, full_tensor  # noqa: F401
 from .files import FORMAT, MASKS_FILE, META_FILE, PathLike, mask_payload, write_masks  # noqa: F401
-from .export import (_ACT_ATTRS, _HEAD_EXPORT_FAMILIES, _INTERMEDIATE_ATTR, _activation, _block_key,  # noqa: F401
-                     _dead_heads, _export_heads, _head_weight_rows, _heads_to_keep, _mlp_groups,  # noqa: F401
-                     _replace, _role_groups, _rows, _take_heads, _take_units, _unit_constants)  # noqa: F401
+from .export import (_ACT_ATTRS, _HEAD_EXPORT_FAMILIES, _INTERMEDIATE_ATTR, _activation,  # noqa: F401
+                     _dead_heads, _export_heads, _head_weight_rows, _heads_to_keep,  # noqa: F401
+                     _rows, _take_heads, _take_units, _unit_constants)  # noqa: F401
 from .files import (_STRUCTURE_DEFAULTS, _STRUCTURE_FIELDS, _fastmask_version, _file_sha256, _paths,  # noqa: F401
                     _read_logits)  # noqa: F401
 from .fingerprints import _HASH_CHUNK_BYTES, _fingerprint_differences, _has_module, _parameter_shapes  # noqa: F401

@@ -10,8 +10,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..hf import head_dim, layer_role, model_family
+from ..hf import head_dim, model_family, role_groups
 from ..nn.masked_linear import MaskedLinear, _is_conv1d, masked_layers
+from ..nn.surgery import replace_module
 from .merging import merge
 
 # Config attribute holding the MLP width, per family (transformers has one value for all layers in each).
@@ -24,10 +25,6 @@ def _rows(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if _is_conv1d(module) else module.weight
 
 
-def _block_key(name: str) -> str:
-    return re.match(r"(.*?\.\d+)\.", name).group(1)
-
-
 def _activation(model: nn.Module, in_layer_name: str):
     parent = model.get_submodule(in_layer_name.rpartition(".")[0])
     for attr in _ACT_ATTRS:
@@ -37,15 +34,7 @@ def _activation(model: nn.Module, in_layer_name: str):
     raise NotImplementedError(f"fastmask.export_pruned: no activation found beside {in_layer_name}")
 
 
-def _mlp_groups(model: nn.Module, family: str) -> dict[str, dict[str, tuple[str, nn.Module]]]:
-    groups: dict[str, dict[str, tuple[str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        if not name or not (isinstance(module, nn.Linear) or _is_conv1d(module)):
-            continue
-        role = layer_role(family, name)
-        if role in ("mlp_in", "mlp_gate", "mlp_up", "mlp_out"):
-            groups.setdefault(_block_key(name), {})[role] = (name, module)
-    return groups
+_MLP_ROLES = ("mlp_in", "mlp_gate", "mlp_up", "mlp_out")
 
 
 @torch.no_grad()
@@ -100,18 +89,6 @@ def _take_units(module: nn.Module, keep: torch.Tensor, side: str) -> nn.Module:
     return new
 
 
-def _role_groups(model: nn.Module, family: str, roles) -> dict[str, dict[str, tuple[str, nn.Module]]]:
-    """{transformer block: {role: (name, layer)}} of the linear (or masked) layers with one of ``roles``."""
-    groups: dict[str, dict[str, tuple[str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        if not name or not (isinstance(module, (nn.Linear, MaskedLinear)) or _is_conv1d(module)):
-            continue
-        role = layer_role(family, name)
-        if role in roles:
-            groups.setdefault(_block_key(name), {})[role] = (name, module)
-    return groups
-
-
 def _head_weight_rows(module: nn.Module, mask: Optional[int]) -> torch.Tensor:
     """The (out, in) weight the exported model will hold: merged (eval mask ``mask``) for a MaskedLinear."""
     if isinstance(module, MaskedLinear):
@@ -127,7 +104,7 @@ def _dead_heads(model: nn.Module, family: str, mask: Optional[int]) -> dict[str,
     config = model.config
     n_heads, dim = config.num_attention_heads, head_dim(model)
     dead = {}
-    for key, group in _role_groups(model, family, ("attn_out",)).items():
+    for key, group in role_groups(model, ("attn_out",), family).items():
         columns = _head_weight_rows(group["attn_out"][1], mask)  # (hidden, n_heads * head_dim)
         zero = (columns.reshape(columns.shape[0], n_heads, dim) == 0).all(dim=2).all(dim=0)
         if bool(zero.any()):
@@ -145,7 +122,7 @@ def _heads_to_keep(model: nn.Module, dead: dict[str, list[int]], non_uniform: st
         config.num_attention_heads
     n_rep = n_heads // n_kv
     alive = {}
-    for key in _role_groups(model, model_family(model), ("attn_out",)):
+    for key in role_groups(model, ("attn_out",), model_family(model)):
         off = set(dead.get(key, ()))
         alive[key] = [[h for h in range(g * n_rep, (g + 1) * n_rep) if h not in off] for g in range(n_kv)]
     counts = sorted({len(heads) for groups in alive.values() for heads in groups})
@@ -173,7 +150,7 @@ def _take_heads(model: nn.Module, group: dict, heads: list[int], dim: int) -> No
     index = torch.tensor([h * dim + i for h in heads for i in range(dim)], dtype=torch.long)
     for role, side in (("attn_q", "out"), ("attn_out", "in")):
         name, layer = group[role]
-        _replace(model, name, _take_units(layer, index.to(layer.weight.device), side=side))
+        replace_module(model, name, _take_units(layer, index.to(layer.weight.device), side=side))
 
 
 def _export_heads(model: nn.Module, family: str, keep: dict[str, list[int]], width: int) -> None:
@@ -182,7 +159,7 @@ def _export_heads(model: nn.Module, family: str, keep: dict[str, list[int]], wid
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if width * n_kv == config.num_attention_heads:
         return
-    groups = _role_groups(model, family, ("attn_q", "attn_out"))
+    groups = role_groups(model, ("attn_q", "attn_out"), family)
     for key, heads in keep.items():
         _take_heads(model, groups[key], heads, dim)
         attention = model.get_submodule(groups[key]["attn_out"][0].rpartition(".")[0])
@@ -246,7 +223,7 @@ def export_pruned(model: nn.Module, *, non_uniform: str = "pad", heads: str = "r
     head_plan = _heads_to_keep(model, dead, non_uniform) if dead and family in _HEAD_EXPORT_FAMILIES else None
     if masked_layers(model):
         merge(model, mask=mask)
-    groups = _mlp_groups(model, family)
+    groups = role_groups(model, _MLP_ROLES, family)
     plans = {}
     for key, group in groups.items():
         if "mlp_out" not in group or not ({"mlp_in"} <= set(group) or {"mlp_gate", "mlp_up"} <= set(group)):
@@ -281,8 +258,8 @@ def export_pruned(model: nn.Module, *, non_uniform: str = "pad", heads: str = "r
         for role in ("mlp_in", "mlp_gate", "mlp_up"):
             if role in group:
                 name, layer = group[role]
-                _replace(model, name, _take_units(layer, keep_idx, side="out"))
-        _replace(model, out_name, new_out)
+                replace_module(model, name, _take_units(layer, keep_idx, side="out"))
+        replace_module(model, out_name, new_out)
     if width is not None:
         setattr(model.config, _INTERMEDIATE_ATTR[family], width)
     if head_plan is not None:
@@ -291,8 +268,3 @@ def export_pruned(model: nn.Module, *, non_uniform: str = "pad", heads: str = "r
         blocks = {key: int(re.search(r"\.(\d+)$", key).group(1)) for key in dead}
         model.prune_heads({blocks[key]: heads_off for key, heads_off in dead.items()})
     return model
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -94,7 +94,9 @@ def write_masks(payload: tuple[dict, dict], path: PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{masks_path.name}.", suffix=".tmp", dir=masks_path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        # One header key: safetensors writes its metadata map in a random order per process, so two keys would make
+        # the bytes (and masks_sha256) of the same masks differ from run to run. The version is in the JSON file.
+        save_file(tensors, tmp, metadata={"format": FORMAT})
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         meta = {**meta, "masks_sha256": _file_sha256(Path(tmp))}

@@ -10,6 +10,7 @@ from typing import Optional
 from torch import nn
 
 from ..nn.masked_linear import masked_layers
+from ..nn.surgery import restore_layers
 
 
 def _swap_back(model: nn.Module, bake: bool, inverse: bool = False, mask: Optional[int] = None) -> nn.Module:
@@ -23,7 +24,7 @@ def _swap_back(model: nn.Module, bake: bool, inverse: bool = False, mask: Option
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    requires_grad = getattr(model, "_fastmask_requires_grad", {})
+    plain = {}
     for name, layer in layers.items():
         weight = layer.weight
         if bake:
@@ -37,15 +38,8 @@ def _swap_back(model: nn.Module, bake: bool, inverse: bool = False, mask: Option
                     output_embeddings in (layer, layer._base_module)
                 if is_output_embeddings and getattr(model.config, "tie_word_embeddings", False):
                     model.config.tie_word_embeddings = False  # else from_pretrained would re-tie them
-        plain = layer.to_module(weight)
-        plain.train(layer.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, plain)
-    for name, p in model.named_parameters():
-        p.requires_grad_(requires_grad.get(name, p.requires_grad))
-    for attr in ("fastmask_config", "_fastmask_requires_grad"):
-        model.__dict__.pop(attr, None)
-    return model
+        plain[name] = layer.to_module(weight)
+    return restore_layers(model, plain)
 
 
 def merge(model: nn.Module, *, inverse: bool = False, copy: bool = False, mask: Optional[int] = None
