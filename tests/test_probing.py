@@ -311,6 +311,27 @@ def test_train_depth_probe_learns_and_reports_diagnostics():
         probing.train_depth_probe("ssp", train, val, probing.ProbeSettings(epochs=0))
 
 
+def test_depth_baselines_by_hand():
+    """The floors of X_sp / X_ssp / X_essp on 5-word sentences: the best constant depth scores the variance of the
+    validation depths around the training mean; a constant prediction's pseudo-labels put one word at 1 and four
+    at 2 (MSE 1/5, reversed too), a star prediction is its own pseudo-labelling (0) and disagrees with its reversal
+    at both ends (2/5). With the released loss over all 7 positions: 1/7 and 2/7."""
+    generator = torch.Generator().manual_seed(0)
+    true_proj = torch.randn(8, 4, generator=generator) * 0.4
+    train, gold_train = _synthetic_batches(6, generator, true_proj)
+    val, gold_val = _synthetic_batches(2, generator, true_proj)
+    floors = probing.depth_baselines(train, val, gold_train, gold_val)
+    mean = np.mean(gold_train)
+    assert floors["mean_depth"] == pytest.approx(mean)
+    assert floors["sp_mean_depth"] == pytest.approx(np.mean((np.array(gold_val) - mean) ** 2), rel=1e-6)
+    assert floors["ssp_constant"] == pytest.approx(1 / 5) and floors["essp_constant"] == pytest.approx(1 / 5)
+    assert floors["ssp_star"] == 0.0 and floors["essp_star"] == pytest.approx(2 / 5)
+    released = probing.depth_baselines(train, val, gold_train, gold_val, include_padding=True)
+    assert released["ssp_constant"] == pytest.approx(1 / 7) and released["essp_star"] == pytest.approx(2 / 7)
+    assert released["mean_depth"] == pytest.approx((np.sum(gold_train) + 2.0 * 2 * len(gold_train)) /
+                                                   (7 * len(gold_train)))  # [CLS] and [SEP] count at 2.0
+
+
 # --- metrics ------------------------------------------------------------------------------------------------
 def test_spearman_and_length_average_by_hand():
     # x ranks [1, 2.5, 2.5, 4], y ranks [1, 3, 2, 4]: rho = sum(dx dy) / sqrt(sum dx^2 sum dy^2)

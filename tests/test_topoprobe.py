@@ -54,6 +54,12 @@ def test_cli_end_to_end_report_and_resume(tiny_bert_dir, tmp_path):
             assert sum(d["count"] for d in row[kind]["diagnostics"]) > 0
         assert 0 <= row["distance"]["uuas"] <= 1 and -1 <= row["sp"]["spearman"] <= 1
     assert metrics["x_sp_min_layer"] in (0, 1, 2) and metrics["data"]["treebank_train"] == 48
+    # the trivial floors: the same for every layer, star 0 for X_ssp; a layer is "not fitted" iff X_sp >= the floor
+    floors = rows[0]["baselines"]
+    assert all(row["baselines"] == floors for row in rows)
+    assert floors["ssp_star"] == 0 and 0 < floors["ssp_constant"] < 1 and floors["sp_mean_depth"] > 0
+    assert metrics["x_sp_not_fitted"]["full"] == [row["layer"] for row in rows
+                                                   if row["sp"]["val_mse"] >= floors["sp_mean_depth"]]
     runs = metrics["finetuning"]["runs"]
     assert [(r["layer"], r["seed"]) for r in runs] == [(None, 1), (2, 1)]
     assert all(-1 <= r["mcc"] <= 1 and -1 <= r["mcc_per_batch"] <= 1 for r in runs)
@@ -62,6 +68,8 @@ def test_cli_end_to_end_report_and_resume(tiny_bert_dir, tmp_path):
     assert metrics["pseudo_label_speed"]["speedup"] > 1
     report = (out / "report.md").read_text()
     assert "| layer | X_sp | X_ssp | X_essp |" in report and "U-shaped" in report and "per-batch MCC" in report
+    assert "| every token at depth 2 |" in report and "a star: the first token at 1" in report
+    assert ("did not fit at layer" in report) == bool(metrics["x_sp_not_fitted"]["full"])
     for name in ("probes.png", "finetuning.png", "config.json", "units/probe-full-layer02.json",
                  "units/ssp-probe-full-layer02.safetensors", "units/finetune-layer02-seed1.json"):
         assert (out / name).is_file(), name

@@ -20,16 +20,17 @@ from .features import (FeatureBatch, LayerFeatures, encode_words, extract_featur
                        word_piece_targets)
 from .metrics import (depth_spearman, distance_spearman, length_averaged, matthews_corrcoef, minimum_spanning_tree,
                       per_batch_mcc, root_accuracy, spearman, uuas)
-from .probes import (DEPTH_KINDS, DepthProbe, DepthProbeResult, DistanceProbe, ProbeSettings, depth_diagnostics,
-                     depth_targets, distance_l1_loss, masked_mse, probe_regulariser_loss, train_depth_probe,
-                     train_distance_probe)
+from .probes import (DEPTH_KINDS, DepthProbe, DepthProbeResult, DistanceProbe, ProbeSettings, depth_baselines,
+                     depth_diagnostics, depth_targets, distance_l1_loss, masked_mse, probe_regulariser_loss,
+                     train_depth_probe, train_distance_probe)
 from .pseudo_labels import reverse_in_position, tree_topological_labels, tree_topological_labels_reference
 
 __all__ = ["Sentence", "iter_conllu", "read_conllu", "tree_depths", "tree_distances", "validate_heads",
            "FeatureBatch", "LayerFeatures", "encode_words", "extract_features", "pool_words", "usable_sentences",
            "word_piece_targets", "depth_spearman", "distance_spearman", "length_averaged", "matthews_corrcoef",
            "minimum_spanning_tree", "per_batch_mcc", "root_accuracy", "spearman", "uuas", "DEPTH_KINDS",
-           "DepthProbe", "DepthProbeResult", "DistanceProbe", "ProbeSettings", "depth_diagnostics", "depth_targets",
+           "DepthProbe", "DepthProbeResult", "DistanceProbe", "ProbeSettings", "depth_baselines", "depth_diagnostics",
+           "depth_targets",
            "distance_l1_loss", "masked_mse", "probe_regulariser_loss", "train_depth_probe", "train_distance_probe",
            "reverse_in_position", "tree_topological_labels", "tree_topological_labels_reference", "fit_linear_probe",
            "linear_probe_accuracy"]

@@ -192,6 +192,52 @@ def _norms(probe: DepthProbe, hidden: torch.Tensor, mask: Optional[torch.Tensor]
     return torch.zeros(mask.shape, dtype=packed.dtype).masked_scatter(mask, packed)
 
 
+def _constant_mse(batches, kind: str, gold, include_padding: bool, predict) -> float:
+    """The token-weighted validation MSE of depth predictions ``predict(shape, loss mask)`` that ignore the hidden
+    states, with the targets and the loss mask of a probe of ``kind`` (as ``_depth_pass`` weighs them)."""
+    total, weight = 0.0, 0.0
+    for _, batch in batches:
+        in_loss = torch.ones_like(batch.word_mask) if include_padding else batch.word_mask
+        norms = predict(batch.word_mask.shape, in_loss)
+        target, mask = depth_targets(kind, norms, batch, gold, include_padding)
+        count = float(norms.numel() if mask is None else mask.sum())
+        total, weight = total + float(masked_mse(norms, target, mask)) * count, weight + count
+    return total / max(weight, 1.0)
+
+
+def depth_baselines(train_batches: list, val_batches: list, gold_train: Sequence, gold_val: Sequence,
+                    pseudo_val_batches: Optional[list] = None, include_padding: bool = False) -> dict:
+    """X_* of trivial predictors, the floor a learned probe must beat (Li et al. report none):
+
+        sp_mean_depth   every token predicted the mean training target: the best constant under MSE (X_sp)
+        ssp_constant    every token predicted 2: its pseudo-labels put one token at 1 and the rest at 2 (X_ssp
+        essp_constant   = X_essp = about 1 / sentence length)
+        ssp_star        the first token predicted 1 and every other 2 (a star tree): its own pseudo-labels, so X_ssp
+        essp_star       = 0; reversed in position they disagree at both ends (X_essp > 0)
+
+    Batches as ``train_depth_probe`` takes them; ``pseudo_val_batches``: the sentences X_ssp / X_essp are
+    validated on when they differ from the treebank's (the --pseudo-corpus option)."""
+    total, count = 0.0, 0.0
+    for _, batch in train_batches:  # the mean target over the tokens that enter the loss
+        target, mask = depth_targets("sp", torch.zeros(batch.word_mask.shape), batch, gold_train, include_padding)
+        total += float(target.sum() if mask is None else target[mask].sum())
+        count += float(target.numel() if mask is None else mask.sum())
+    mean_depth = total / max(count, 1.0)
+
+    def constant(value):
+        return lambda shape, in_loss: torch.full(shape, value)
+
+    def star(shape, in_loss):
+        first = in_loss & (in_loss.long().cumsum(1) == 1)
+        return torch.where(first, 1.0, 2.0)
+
+    pseudo = val_batches if pseudo_val_batches is None else pseudo_val_batches
+    return {"mean_depth": mean_depth,
+            "sp_mean_depth": _constant_mse(val_batches, "sp", gold_val, include_padding, constant(mean_depth)),
+            **{f"{kind}_{name}": _constant_mse(pseudo, kind, None, include_padding, predict)
+               for kind in ("ssp", "essp") for name, predict in (("constant", constant(2.0)), ("star", star))}}
+
+
 def _depth_pass(probe, batches, kind, gold, include_padding, optimizer=None, scheduler=None, order=None):
     """One epoch (training when an optimizer is given); returns the token-weighted MSE and the evaluation data."""
     total, weight, kept = 0.0, 0.0, []

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ...assets import atomic_write_bytes, atomic_write_text
-from ...probing import (DEPTH_KINDS, ProbeSettings, extract_features, matthews_corrcoef, per_batch_mcc,
-                        train_depth_probe, train_distance_probe)
+from ...probing import (DEPTH_KINDS, ProbeSettings, depth_baselines, extract_features, matthews_corrcoef,
+                        per_batch_mcc, train_depth_probe, train_distance_probe)
 from ...probing.features import usable_sentences
 from ..runner import Run, _json_safe
 from .config import TopoprobeConfig
@@ -101,6 +101,9 @@ def probe_layers(run: Run, config: TopoprobeConfig, tokenizer, model, variant: s
                 unit[kind] = result.summary()
                 if kind == "ssp":
                     ssp_probe = result.probe
+            # the floors every learned X_* is read against (the same sentences, targets and loss positions)
+            unit["baselines"] = depth_baselines(batches["train"], batches["val"], gold_train, gold_val,
+                                                batches.get("pseudo_val"), config.include_padding)
             if config.distance_probe:
                 unit["distance"] = train_distance_probe(batches["train"], batches["val"], train, val, settings,
                                                         layer=layer)

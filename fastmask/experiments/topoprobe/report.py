@@ -98,6 +98,23 @@ def report_markdown(config: TopoprobeConfig, effective: TopoprobeConfig, metrics
                 cells += [_fmt(row["distance"]["uuas"]), _fmt(row["distance"]["spearman"])]
             body.append(cells)
         lines += [markdown_table(header, body), ""]
+        floors = rows[0].get("baselines")  # the same for every layer (they ignore the hidden states)
+        if floors is not None:
+            lines += ["Trivial predictors on the same validation tokens (they ignore the hidden states; a learned "
+                      "probe must beat them to mean anything):", "",
+                      markdown_table(["predictor", "X_sp", "X_ssp", "X_essp"],
+                                     [[f"every token at the mean training depth ({_fmt(floors['mean_depth'])})",
+                                       _fmt(floors["sp_mean_depth"]), "", ""],
+                                      ["every token at depth 2", "", _fmt(floors["ssp_constant"]),
+                                       _fmt(floors["essp_constant"])],
+                                      ["a star: the first token at 1, the others at 2", "", _fmt(floors["ssp_star"]),
+                                       _fmt(floors["essp_star"])]]), ""]
+            not_fitted = metrics.get("x_sp_not_fitted", {}).get(variant, [])
+            if not_fitted:
+                lines += [f"**The X_sp probe did not fit at layer(s) {', '.join(map(str, not_fitted))}**: its "
+                          f"validation MSE is no better than predicting the mean depth for every token "
+                          f"({_fmt(floors['sp_mean_depth'])}), so those layers' X_sp says nothing about how much "
+                          f"syntax they hold; see `val_history` in metrics.json for how its training went.", ""]
     curve, best = metrics["x_sp_curve"], metrics["x_sp_min_layer"]
     first, last = min(curve), max(curve)
     lines += [f"X_sp is lowest at layer {best} ({_fmt(curve[best])}), against {_fmt(curve[first])} at layer {first} "

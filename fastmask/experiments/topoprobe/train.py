@@ -103,6 +103,10 @@ def run_experiment(config: TopoprobeConfig, *, resume: bool = False, overwrite: 
                  "pseudo_sentences": len(data["pseudo"]) if data["pseudo"] is not None else len(data["train"])},
         "probes": table, "masked_sparsity": probes_sparsity,
         "x_sp_curve": sp_curve, "x_sp_min_layer": best_layer,
+        # layers whose learned X_sp does not beat predicting the mean depth for every token: the probe did not fit
+        "x_sp_not_fitted": {variant: [row["layer"] for row in rows if "baselines" in row
+                                      and row["sp"]["val_mse"] >= row["baselines"]["sp_mean_depth"]]
+                            for variant, rows in table.items()},
         # U-shaped: the minimum is an inner layer, below both ends
         "u_shaped": bool(min(sp_curve) < best_layer < max(sp_curve)),
         "finetuning": {"runs": finetune_runs, "summary": summarise_finetuning(finetune_runs),
