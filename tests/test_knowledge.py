@@ -287,8 +287,9 @@ def test_cli_end_to_end_on_a_tiny_gpt2(cli_run, tiny_gpt2_dir):
     assert metrics["data"]["targetkg"] == 11 and metrics["data"]["controlkg_eval"] == 6
     assert metrics["masked_layers"] == 8 and metrics["masked_blocks"] == [1, 2]
     summary = metrics["summary"]
-    for name in ("targetkg", "controlkg", "lm"):
+    for name in ("targetkg", "controlkg", "controlkg_train", "lm"):
         assert summary[name]["ppl_full"] > 1 and math.isfinite(summary[name]["ppl_remaining"])
+        assert summary[name]["delta_ppl"] == pytest.approx(summary[name]["ppl_remaining"] - summary[name]["ppl_full"])
     assert 0 <= metrics["sparsity"]["overall"] <= 1 and set(metrics["sparsity"]["attention_vs_mlp"]) == \
         {"attention", "mlp"}
     history = runner.read_history(out / "history.csv")
@@ -299,6 +300,7 @@ def test_cli_end_to_end_on_a_tiny_gpt2(cli_run, tiny_gpt2_dir):
     assert all(row["source"] == "lowest-ppl" for row in data["targetkg"])  # not a gpt2 hub name: chosen by PPL
     report = (out / "report.md").read_text()
     assert "predicted from the position before it" in report and "| TargetKG |" in report
+    assert "| ControlKG (training triplets) |" in report and "dPPL remaining" in report
     # the saved masks load back onto a fresh copy of the base model
     from transformers import AutoModelForCausalLM
 

@@ -42,17 +42,21 @@ def _plots(run: Run, history, summary, sparsity) -> None:
 
 def report_markdown(config: KnowledgeConfig, metrics: dict, prepared: Prepared) -> str:
     s, sp, data, timing = metrics["summary"], metrics["sparsity"], metrics["data"], metrics["timing"]
-    label = {"targetkg": "TargetKG", "controlkg": "ControlKG (held out)", "lm": "WikiText-2 (held out)"}
+    label = {"targetkg": "TargetKG", "controlkg": "ControlKG (held out)",
+             "controlkg_train": "ControlKG (training triplets)", "lm": "WikiText-2 (held out)"}
+    shown = [n for n in ("targetkg", "controlkg", "controlkg_train", "lm") if n in s]
+    # dPPL = remaining - full is the paper's metric; the ratios read across sets of very different perplexity
     rows = [(label[n], s[n]["ppl_full"], s[n]["ppl_remaining"], s[n].get("ppl_random", float("nan")),
-             s[n]["ppl_ratio"], s[n].get("ppl_ratio_random", float("nan"))) for n in ("targetkg", "controlkg", "lm")]
+             s[n]["delta_ppl"], s[n].get("delta_ppl_random", float("nan")),
+             s[n]["ppl_ratio"], s[n].get("ppl_ratio_random", float("nan"))) for n in shown]
     ranks = [(label[n], s[n]["mean_rank_full"], s[n]["mean_rank_remaining"], s[n].get("mean_rank_random",
              float("nan")), s[n]["delta_logprob"], s[n].get("delta_logprob_random", float("nan")))
              for n in ("targetkg", "controlkg")]
     first, last = metrics["masked_blocks"]
     examples = "\n".join(f"  - `{e.triplet.head} IsA {e.triplet.tail}`: \"{e.sentence.strip()}\""
                          for e in prepared.target[:8])
-    ppl_table = markdown_table(["set", "PPL full", "PPL remaining", "PPL random removed", "ratio remaining/full",
-                                "ratio random/full"], rows)
+    ppl_table = markdown_table(["set", "PPL full", "PPL remaining", "PPL random removed", "dPPL remaining",
+                                "dPPL random", "ratio remaining/full", "ratio random/full"], rows)
     rank_table = markdown_table(["set", "rank full", "rank remaining", "rank random", "delta log-prob",
                                  "delta log-prob random"], ranks)
     scored_tokens = ("The released code scores only the last tail token; here every token of the tail word is scored."

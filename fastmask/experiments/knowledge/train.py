@@ -286,7 +286,9 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
         return {}
 
     eval_started = time.perf_counter()
-    results = evaluate(model, top, eval_sets, lm_eval, lm_eval_h0, config.eval_batch, config.seed + 7)
+    # The ControlKG training triplets too: the paper's over- vs under-training check (held out vs seen).
+    results = evaluate(model, top, {**eval_sets, "controlkg_train": sets["controlkg_train"]}, lm_eval, lm_eval_h0,
+                       config.eval_batch, config.seed + 7)
     eval_seconds = time.perf_counter() - eval_started
     sparsity = sparsity_report(model)
     summary = summarize(results)
