@@ -75,6 +75,29 @@ def test_correlated_splits_have_the_chosen_agreement_and_are_disjoint():
         dd.correlated_splits(data, {"train": 200}, {"train": 0.0}, seed=0)
 
 
+def test_deduplication_by_normalised_text_before_splitting():
+    texts = ["RT @bob: You are SO cool!! http://t.co/x", "you are so cool", "you are so cool?", "other text",
+             "Other   text", "third one"]
+    labels = [(1, 0), (1, 0), (1, 0), (0, 1), (1, 1), (0, 0)]
+    data = dd.FactorData(texts, labels, ("f0", "f1"), (("a", "b"), ("c", "d")))
+    assert dd.normalised_text(texts[0]) == dd.normalised_text(texts[2]) == "you are so cool"
+    kept, counts = dd.deduplicate(data)
+    # "you are so cool" x3 (labels agree: the first kept); "other text" x2 (labels disagree: dropped whole)
+    assert kept.texts == [texts[0], "third one"] and kept.labels == [(1, 0), (0, 0)]
+    assert counts == {"examples": 6, "kept": 2, "duplicate_groups": 2, "removed": 4, "conflicting_groups_dropped": 1}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "davidson-hate").is_dir(), reason="shared data not beside the checkout")
+def test_tweet_splits_share_no_normalised_text():
+    config = dc.DisentangleConfig(data_dir=str(SHARED_DATA)).validate()
+    data, splits, counts = dd._load_splits(config)
+    assert counts["removed"] > 0 and counts["kept"] == len(data) == counts["examples"] - counts["removed"]
+    seen = {}
+    for name, split in splits.items():
+        for text in split.texts:
+            assert seen.setdefault(dd.normalised_text(text), name) == name, text
+
+
 def test_review_aspect_lexicon_keeps_sentences_naming_exactly_one_aspect():
     assert dd.review_aspect("the plot is thin .") == 0
     assert dd.review_aspect("the actor's turn is fine .") == 1  # "actor's" -> "actor"
@@ -392,6 +415,9 @@ def test_cli_end_to_end_on_a_tiny_bert(tiny_bert_dir, tmp_path):
                                        "finetuned_0", "finetuned_1"}
     assert all(0 <= a <= 1 for row in metrics["leakage"].values() for a in row)
     assert metrics["data"]["splits"] == {"train": 60, "probe": 40, "test": 40, "shifted": 40}
+    dup = metrics["data"]["deduplication"]
+    assert dup["kept"] == dup["examples"] - dup["removed"]
+    assert "removed as duplicates" in (out / "report.md").read_text()
     assert metrics["data"]["agreement"]["train"] == pytest.approx(0.8)
     assert metrics["data"]["agreement"]["shifted"] == pytest.approx(0.2)
     assert [r["prune_sparsity"] for r in metrics["sweep"]] == [0.2, 0.5]

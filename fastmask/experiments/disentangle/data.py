@@ -21,7 +21,8 @@ Correlation control: every split is drawn from disjoint pools of the four (facto
 fraction ``agreement`` of its examples have label_A == label_B (0.5: independent and balanced; 0.8 / 0.2: the
 correlation of training data / its reversal, for the robustness test).
 
-A run's data: ``_load_splits`` (the setting's data cut into the train / probe / test / shifted splits of the config);
+A run's data: ``_load_splits`` (the setting's data, de-duplicated by normalised text, then cut into the train / probe /
+test / shifted splits of the config);
 each split's texts are then tokenised with the cached input of the first masked block (``..blocks.EncodedTexts``).
 """
 
@@ -174,6 +175,37 @@ def load_reviews(data_dir: Optional[str] = None, limit: Optional[int] = None) ->
     return FactorData(texts, labels, ("sentiment", "aspect"), (("negative", "positive"), ("story", "acting")))
 
 
+# --- de-duplication -------------------------------------------------------------------------------------------
+NON_WORD = re.compile(r"[^a-z0-9']+")
+
+
+def normalised_text(text: str) -> str:
+    """The text as duplicates are recognised: lower case, URLs / @-mentions / RT / HTML entities removed, every run
+    of other characters than letters, digits and apostrophes one space (a retweet of a tweet is the tweet)."""
+    return NON_WORD.sub(" ", TWEET_NOISE.sub(" ", text).lower()).strip()
+
+
+def deduplicate(data: FactorData) -> tuple[FactorData, dict]:
+    """(data with one example per normalised text, counts): before splitting, so that no text sits in two splits.
+    A group of duplicates whose labels agree keeps its first example; a group whose labels disagree is dropped
+    whole (its labels are noise). Counts: examples before / after, duplicate groups, examples removed, groups
+    dropped for disagreeing labels."""
+    groups: dict = {}
+    for i, text in enumerate(data.texts):
+        groups.setdefault(normalised_text(text), []).append(i)
+    kept, conflicting = [], 0
+    for members in groups.values():
+        if len({tuple(data.labels[i]) for i in members}) > 1:
+            conflicting += 1
+            continue
+        kept.append(members[0])
+    kept.sort()
+    duplicates = sum(1 for members in groups.values() if len(members) > 1)
+    counts = {"examples": len(data), "kept": len(kept), "duplicate_groups": duplicates,
+              "removed": len(data) - len(kept), "conflicting_groups_dropped": conflicting}
+    return data.subset(kept), counts
+
+
 # --- splits with a chosen correlation -----------------------------------------------------------------------
 def cell_counts(n: int, agreement: float) -> dict:
     """How many examples of each (a, b) cell a split of ``n`` holds so that a fraction ``agreement`` has a == b,
@@ -276,6 +308,7 @@ def _load_splits(config: DisentangleConfig) -> tuple:
         data = load_reviews(config.data_dir, limit=config.data_limit)
     else:
         data = load_tweets(config.data_dir, confidence=config.dialect_confidence, limit=config.data_limit)
+    data, duplicates = deduplicate(data)
     sizes = {"train": config.train_size, "probe": config.probe_size, "test": config.test_size,
              "shifted": config.shifted_size}
     agreements = {"train": config.train_agreement, "probe": 0.5, "test": 0.5, "shifted": 1 - config.train_agreement}
@@ -283,8 +316,8 @@ def _load_splits(config: DisentangleConfig) -> tuple:
         splits = correlated_splits(data, sizes, agreements, config.seed)
     except ValueError as error:
         raise ConfigError(f"train_size/probe_size/test_size/shifted_size: {error}") from None
-    return data, splits
+    return data, splits, duplicates
 
 
 __all__ = ["FactorData", "TwitterAAE", "twitter_aae", "tweet_tokens", "load_tweets", "ASPECT_LEXICON", "review_aspect",
-           "load_reviews", "cell_counts", "correlated_splits", "TripletSampler"]
+           "load_reviews", "normalised_text", "deduplicate", "cell_counts", "correlated_splits", "TripletSampler"]

@@ -53,6 +53,11 @@ def _setting_note(config: DisentangleConfig) -> str:
 def _data_paragraph(config: DisentangleConfig, metrics: dict) -> str:
     """What the data are and how the labels were made, for the report."""
     factors, values, raw = metrics["factors"], metrics["values"], metrics["data"]["raw_examples"]
+    dup = metrics["data"]["deduplication"]
+    dedup = (f" Before splitting, {dup['removed']} were removed as duplicates of a normalised text (lower case, URLs, "
+             f"@-mentions and punctuation stripped: {dup['duplicate_groups']} groups, each kept once;"
+             f" {dup['conflicting_groups_dropped']} groups whose labels disagree dropped whole), leaving "
+             f"{dup['kept']}, so no text sits in two splits.")
     if config.data == "reviews":
         lexicon = "; ".join(f"{name}: {', '.join(words)}" for name, words in ASPECT_LEXICON.items())
         return f"""A STAND-IN for the paper's setting 1 (sentiment x genre of movie reviews: no genre-labelled
@@ -60,11 +65,11 @@ reviews are reachable offline), built from what is: the Pang & Lee (2005) senten
 snippets), **{factors[0]}** ({' / '.join(values[0])}) from the file a sentence is in, x **{factors[1]}**
 ({' / '.join(values[1])}), a genre-like attribute built from the text itself: the aspect the sentence talks about,
 by keyword lexicon ({lexicon}). A sentence is kept when its words hit exactly one of the two lexicons (sentences
-naming both or neither are dropped); the keywords stay in the text. {raw} labelled sentences."""
+naming both or neither are dropped); the keywords stay in the text. {raw} labelled sentences.{dedup}"""
     return f"""The paper's setting 2 built from what is reachable offline: Davidson et al. (2017) tweets,
 **{factors[0]}** ({' / '.join(values[0])}) x **{factors[1]}** ({' / '.join(values[1])}) inferred with the TwitterAAE
 demographic model (AAE share of AAE + White proportions >= {config.dialect_confidence}; tweets in between dropped;
-re-implemented predictor, whitespace tokens). {raw} labelled tweets."""
+re-implemented predictor, whitespace tokens). {raw} labelled tweets.{dedup}"""
 
 
 def report_markdown(config: DisentangleConfig, metrics: dict) -> str:

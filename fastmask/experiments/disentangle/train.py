@@ -52,7 +52,7 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
     device = resolve_device(config.device)
     fm.set_backend(config.backend)
     started = time.perf_counter()
-    data, splits = _load_splits(config)
+    data, splits, duplicates = _load_splits(config)
     factors, values = data.factors, data.values
     n_classes = [len(v) for v in values]
     encoder, tokenizer, source = _load_encoder(config, device)
@@ -120,7 +120,8 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
     metrics = {
         "experiment": EXPERIMENT, "model": config.model, "model_source": source,
         "factors": list(factors), "values": [list(v) for v in values],
-        "data": {"raw_examples": len(data), "splits": {s: len(splits[s]) for s in SPLITS},
+        "data": {"raw_examples": duplicates["examples"], "deduplication": duplicates,
+                 "splits": {s: len(splits[s]) for s in SPLITS},
                  "agreement": {s: (labels[s][:, 0] == labels[s][:, 1]).double().mean().item() for s in SPLITS}},
         "leakage": leakage, "robustness_shifted": robust, "in_distribution_correlated_probe": in_distribution,
         "chance": 0.5, "disentanglement": disentanglement_score(leakage, len(factors)),
