@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ref import ESTIMATORS
+# The estimators by integer code (GateParams.estimator): the order is the C++ / CUDA / Triton kernels' contract.
+ESTIMATORS = ("hard_concrete", "gumbel_sigmoid_st", "threshold_st", "bernoulli_st")
 
 
 @dataclass(frozen=True)
 class GateParams:
-    """How logits become gates. ``estimator`` is the integer code (index into ``fastmask.ref.ESTIMATORS``)."""
+    """How logits become gates. ``estimator`` is the integer code (index into ``ESTIMATORS``)."""
 
     estimator: int
     seed: int

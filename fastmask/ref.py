@@ -44,13 +44,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # fastmask._params imports this module (ESTIMATORS): a type only here
-    from ._params import GateParams
+from ._params import ESTIMATORS, GateParams
 
 __all__ = [
     "ESTIMATORS",
@@ -84,8 +83,7 @@ __all__ = [
     "l0_norm_backward_ref",
 ]
 
-# Estimator names, in the order of their integer codes used by the C++/CUDA/Triton kernels.
-ESTIMATORS = ("hard_concrete", "gumbel_sigmoid_st", "threshold_st", "bernoulli_st")
+# ESTIMATORS (from _params): the estimator names, in the order of the kernels' integer codes.
 
 # Noise is clamped to [UNIFORM_EPS, 1 - UNIFORM_EPS] before logit(u): u can be exactly 0 (probability 2^-31).
 UNIFORM_EPS = 1e-6

@@ -20,7 +20,7 @@ import triton.language as tl
 # Noise is clamped to [UNIFORM_EPS, 1 - UNIFORM_EPS] before logit(u); keep in sync with fastmask/ref.py.
 UNIFORM_EPS: tl.constexpr = tl.constexpr(1e-6)
 
-# Integer codes of the estimators (index into fastmask.ref.ESTIMATORS).
+# Integer codes of the estimators (index into fastmask._params.ESTIMATORS).
 HARD_CONCRETE: tl.constexpr = tl.constexpr(0)
 GUMBEL_SIGMOID_ST: tl.constexpr = tl.constexpr(1)
 THRESHOLD_ST: tl.constexpr = tl.constexpr(2)

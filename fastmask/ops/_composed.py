@@ -9,15 +9,14 @@ kernel for them (fastmask/ops/_backend.py says which backend uses which).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
 from .. import ref
+from .._params import GateParams
+from ._interface import MaskBackend
 
-if TYPE_CHECKING:  # _backend imports this module
-    from .._params import GateParams
-    from ._backend import MaskBackend
 
 
 def matmul_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..ref import ESTIMATORS
+from .._params import ESTIMATORS
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 WEIGHT_LAYOUTS = ("out_in", "in_out")
