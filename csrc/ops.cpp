@@ -23,6 +23,11 @@ TORCH_LIBRARY_FRAGMENT(fastmask, m) {
   m.def(
       "_masked_weight(Tensor weight, Tensor logits, int bh, int bw, int estimator, int seed, int offset, "
       "float beta, float gamma, float zeta, float tau, bool training, bool inverse) -> Tensor");
+  // _masked_weight and the gates' slopes dz/dl (compute dtype, shaped like logits) from the same pass: what the
+  // "keep" memory policy's forward keeps, so that its backward evaluates no gate. CPU only (CUDA: composed).
+  m.def(
+      "_masked_weight_slope(Tensor weight, Tensor logits, int bh, int bw, int estimator, int seed, int offset, "
+      "float beta, float gamma, float zeta, float tau, bool training, bool inverse) -> (Tensor, Tensor)");
   // From grad_wm = d(loss)/d(W * m) (float32, weight layout): grad_logits (float32, the block sums of
   // grad_wm * W times dz/dl) and, if needs_weight_grad, grad_weight = grad_wm * m in the weight dtype
   // (else an empty tensor).

@@ -15,9 +15,11 @@ from .io import export_pruned, load_masks, merge, save_masks, unapply  # noqa: E
 from .nn import MaskedLinear, mask_index, set_mask_index, set_step  # noqa: E402
 from .ops import get_backend, set_backend, use_backend  # noqa: E402
 from .ops import get_check_finite, is_deterministic, set_check_finite, set_deterministic  # noqa: E402
+from .ops import get_memory_policy, set_memory_policy  # noqa: E402
 
 __all__ = ["ops", "ref", "distributed", "info", "set_deterministic", "is_deterministic", "set_check_finite",
-           "get_check_finite", "set_backend", "get_backend", "use_backend", "__version__", "MaskConfig", "apply",
+           "get_check_finite", "set_memory_policy", "get_memory_policy", "set_backend", "get_backend", "use_backend",
+           "__version__", "MaskConfig", "apply",
            "mask_parameters", "masked_modules", "l0_penalty", "sparsity", "inverse", "bypass", "set_step",
            "save_masks", "load_masks", "merge", "unapply", "export_pruned", "MaskedLinear", "mask_index",
            "set_mask_index"]

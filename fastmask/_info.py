@@ -33,6 +33,8 @@ def info() -> dict:
         "backend_setting": _backend.get_backend(),
         "deterministic_mode": _modes.is_deterministic(),
         "check_finite": _modes.get_check_finite(),
+        "memory_policy": {"setting": _modes.get_memory_policy(),
+                          **{device: _modes.memory_policy_for(device) for device in devices}},
         "backends": {},
         "chosen": {},
         "nondeterminism": {},
@@ -68,6 +70,8 @@ def format_info(report: dict) -> str:
             lines.append(f"  {name:<10} {mark}  {entry['why']}")
         chosen = report["chosen"][device]
         lines.append("  chosen: " + ", ".join(f"{op}={backend}" for op, backend in chosen.items()))
+        lines.append(f"  memory policy of per-weight masks: {report['memory_policy'][device]} (setting "
+                     f"{report['memory_policy']['setting']})")
         for reason in report["nondeterminism"][device]:
             lines.append(f"  not deterministic: {reason}")
     return "\n".join(lines)

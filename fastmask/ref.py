@@ -245,6 +245,26 @@ def masked_weight_ref(weight, logits, block, **gate) -> torch.Tensor:
     return apply_gates(weight, gate_ref(logits, **gate), block)
 
 
+def masked_weight_and_slope_ref(weight, logits, block, p: GateParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W * m in the weight's dtype and layout, the gates' slopes dz/dl in the compute dtype shaped like
+    ``logits``): what the forward of the "keep" memory policy keeps for the backward (fastmask/ops/_modes.py)."""
+    z, slope = _gate_and_slope(logits, p.estimator_name, p.seed, p.offset, p.beta, p.gamma, p.zeta, p.tau,
+                               p.training)
+    if p.inverse:
+        z, slope = 1 - z, -slope
+    return apply_gates(weight, z, block), slope
+
+
+def mask_grad_from_slope(grad_wm, weight, slope, block) -> torch.Tensor:
+    """d(logits) (the slopes' dtype) from dWm (compute dtype, the weight's layout) and kept slopes: the block sums of
+    dWm * W times dz/dl. Overwrites ``grad_wm`` (the caller's temporary) for per-weight gates."""
+    if tuple(block) == (1, 1):
+        return grad_wm.mul_(weight).mul_(slope) if grad_wm.dtype == slope.dtype else \
+            (grad_wm * weight).to(slope.dtype) * slope
+    per_block = reduce_to_grid((grad_wm * _upcast(weight)).to(slope.dtype), block, slope.shape)
+    return per_block.mul_(slope)
+
+
 def flatten_tokens(t: torch.Tensor) -> torch.Tensor:
     """(..., features) -> (tokens, features). The row count is explicit: reshape(-1, 0) is ambiguous when there are
     no features."""

@@ -152,6 +152,8 @@ def test_deterministic_mode_takes_the_triton_mask_gradient_off_atomics(switch, g
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if "triton" not in backends_for(device):
         pytest.skip("the Triton backend is not available here")
+    # The recompute policy (the GPU default) runs the fused mask-gradient kernel; CPU tensors default to "keep".
+    monkeypatch.setattr(fm.ops._modes, "_memory_policy", "recompute")
     kernels = importlib.import_module("fastmask.kernels.masked_linear")
     spy = _LaunchSpy(kernels._mask_grad_kernel)
     monkeypatch.setattr(kernels, "_mask_grad_kernel", spy)

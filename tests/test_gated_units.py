@@ -113,6 +113,7 @@ def test_unit_path_builds_no_masked_weight(monkeypatch):
     backend = _backend.resolve(torch.device("cpu"))
     monkeypatch.setattr(backend, "masked_linear_forward", refuse, raising=False)
     monkeypatch.setattr(backend, "masked_linear_backward", refuse, raising=False)
+    monkeypatch.setattr(backend, "masked_weight_and_slope", refuse, raising=False)  # the "keep" policy's forward
     x = torch.randn(4, 12, requires_grad=True)
     weight = torch.randn(6, 12)
     for grid, block in (((1, 12), None), ((6, 1), None), ((1, 3), (6, 4)), ((1, 1), None)):

@@ -55,7 +55,7 @@ def _leaf(t):
 
 
 def _check_case(device, backend, case, dtype, layout, estimator="hard_concrete", bias=True, weight_grad=False,
-                training=True, inverse=False):
+                training=True, inverse=False, memory="recompute"):
     fm.set_backend(backend)
     x, weight, logits, b, block, grad_out = _tensors(case, layout, dtype, device, bias)
     kwargs = dict(estimator=estimator, seed=1234, offset=2**32 + 77, training=training, inverse=inverse,
@@ -70,7 +70,7 @@ def _check_case(device, backend, case, dtype, layout, estimator="hard_concrete",
         return y.detach(), x.grad, logits.grad, (b.grad if b is not None else None), \
             (weight.grad if weight_grad else None)
 
-    outs = run(fm.ops.masked_linear, x, weight, logits, b, block=block)
+    outs = run(fm.ops.masked_linear, x, weight, logits, b, block=block, memory=memory)
     f64 = lambda t: None if t is None else t.double()  # noqa: E731
     oracle = run(ref.masked_linear_naive, f64(x), f64(weight), f64(logits), f64(b), block=block, beta=beta)
     baseline = run(ref.masked_linear_naive, x, weight, logits, b, block=block, beta=beta)
@@ -88,16 +88,18 @@ def _check_case(device, backend, case, dtype, layout, estimator="hard_concrete",
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_masked_linear_matches_reference(device, backend, case, layout, dtype):
-    _check_case(device, backend, case, dtype, layout, bias=case.name != "head")
+@pytest.mark.parametrize("memory", ["recompute", "keep"])
+def test_masked_linear_matches_reference(device, backend, case, layout, dtype, memory):
+    _check_case(device, backend, case, dtype, layout, bias=case.name != "head", memory=memory)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("estimator", ref.ESTIMATORS)
 @pytest.mark.parametrize("training,inverse", [(True, False), (False, False), (True, True)])
-def test_masked_linear_estimators(device, backend, estimator, training, inverse):
+@pytest.mark.parametrize("memory", ["recompute", "keep"])
+def test_masked_linear_estimators(device, backend, estimator, training, inverse, memory):
     _check_case(device, backend, CASES[5], torch.float32, "out_in", estimator=estimator, training=training,
-                inverse=inverse)
+                inverse=inverse, memory=memory)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())

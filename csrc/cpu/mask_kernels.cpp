@@ -1,5 +1,5 @@
-// CPU impls of the fastmask._C ops (_uniform_fill, _gate_fwd, _gate_bwd, _masked_weight, _mask_grad,
-// _mask_grad_masked_weight).
+// CPU impls of the fastmask._C ops (_uniform_fill, _gate_fwd, _gate_bwd, _masked_weight, _masked_weight_slope,
+// _mask_grad, _mask_grad_masked_weight).
 // Design: gates are regenerated from (seed, offset) and never stored; every op works on tiles of
 // (block row g, run of grid columns), computes each gate once into a small stack/thread-local buffer and then
 // streams the weight rows of that tile (one pass over W / grad_wm). float32 gate math runs in vectorisable loops
@@ -707,8 +707,10 @@ FASTMASK_INLINE void expand_gate_row(const G* zrow, int64_t kn, int64_t bw, int6
   }
 }
 
+// S (optional, nullptr: not wanted): the gates' slopes dz/dl, one per gate, written by the first row tile of each
+// block row (the other row tiles of a split block row regenerate the same gates for their rows only).
 template <typename Wt, typename G>
-void masked_weight_kernel(const GateCtx& c, const Wt* W, const G* L, Wt* out, const TilePlan& t) {
+void masked_weight_kernel(const GateCtx& c, const Wt* W, const G* L, Wt* out, G* S, const TilePlan& t) {
   using A = Upcast<Wt>;
   constexpr bool kDirect = std::is_same_v<Wt, A>;  // float32 / float64 weights: no conversion buffer
   const int64_t C = t.cols, bw = t.bw;
@@ -724,7 +726,7 @@ void masked_weight_kernel(const GateCtx& c, const Wt* W, const G* L, Wt* out, co
       if (r0 >= r1) continue;
       const int64_t c0 = k0 * bw, c1 = std::min((k0 + kn) * bw, C), cn = c1 - c0;
       const uint64_t j0 = static_cast<uint64_t>(g * t.gc + k0);
-      gate_row(c, L + j0, j0, kn, zrow.data(), nullptr);  // each gate once per tile
+      gate_row(c, L + j0, j0, kn, zrow.data(), (S != nullptr && rbi == 0) ? S + j0 : nullptr);  // once per tile
       expand_gate_row<A, G>(zrow.data(), kn, bw, cn, zexp.data());
       const A* __restrict ze = zexp.data();
       for (int64_t r = r0; r < r1; ++r) {
@@ -745,33 +747,56 @@ void masked_weight_kernel(const GateCtx& c, const Wt* W, const G* L, Wt* out, co
 
 template <typename G>
 void masked_weight_dispatch(const GateCtx& c, const at::Tensor& w, const at::Tensor& l, at::Tensor& out,
-                            const TilePlan& t) {
+                            at::Tensor* slope, const TilePlan& t) {
   const G* L = l.data_ptr<G>();
+  G* S = slope ? slope->data_ptr<G>() : nullptr;
   switch (w.scalar_type()) {
-    case at::kFloat: masked_weight_kernel<float, G>(c, w.data_ptr<float>(), L, out.data_ptr<float>(), t); break;
-    case at::kDouble: masked_weight_kernel<double, G>(c, w.data_ptr<double>(), L, out.data_ptr<double>(), t); break;
+    case at::kFloat: masked_weight_kernel<float, G>(c, w.data_ptr<float>(), L, out.data_ptr<float>(), S, t); break;
+    case at::kDouble:
+      masked_weight_kernel<double, G>(c, w.data_ptr<double>(), L, out.data_ptr<double>(), S, t);
+      break;
     case at::kHalf:
-      masked_weight_kernel<c10::Half, G>(c, w.data_ptr<c10::Half>(), L, out.data_ptr<c10::Half>(), t);
+      masked_weight_kernel<c10::Half, G>(c, w.data_ptr<c10::Half>(), L, out.data_ptr<c10::Half>(), S, t);
       break;
     default:
-      masked_weight_kernel<c10::BFloat16, G>(c, w.data_ptr<c10::BFloat16>(), L, out.data_ptr<c10::BFloat16>(), t);
+      masked_weight_kernel<c10::BFloat16, G>(c, w.data_ptr<c10::BFloat16>(), L, out.data_ptr<c10::BFloat16>(), S,
+                                             t);
       break;
   }
 }
 
-at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& logits, int64_t bh, int64_t bw,
-                             int64_t estimator, int64_t seed, int64_t offset, double beta, double gamma, double zeta,
-                             double tau, bool training, bool inverse) {
+// W * m, and with `slope` also dz/dl of every gate (compute dtype, shaped like the logits) from the same pass.
+std::tuple<at::Tensor, at::Tensor> masked_weight_impl(const at::Tensor& weight, const at::Tensor& logits, int64_t bh,
+                                                      int64_t bw, int64_t estimator, int64_t seed, int64_t offset,
+                                                      double beta, double gamma, double zeta, double tau,
+                                                      bool training, bool inverse, bool with_slope) {
   const GateCtx c = make_gate_ctx(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse);
   const auto [gr, gc] = check_weight_and_grid(weight, logits, bh, bw);
   const at::Tensor l = logits_in_compute_dtype(logits);
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
-  if (w.numel() == 0) return out;
+  at::Tensor slope = with_slope ? at::empty(l.sizes(), l.options()) : at::empty({0}, l.options());
+  if (w.numel() == 0) return {out, slope};
   const TilePlan t = plan_tiles(w.size(0), w.size(1), bh, bw, gr, gc, /*split_rows=*/true);
-  if (l.scalar_type() == at::kDouble) masked_weight_dispatch<double>(c, w, l, out, t);
-  else masked_weight_dispatch<float>(c, w, l, out, t);
-  return out;
+  at::Tensor* slope_ptr = with_slope ? &slope : nullptr;
+  if (l.scalar_type() == at::kDouble) masked_weight_dispatch<double>(c, w, l, out, slope_ptr, t);
+  else masked_weight_dispatch<float>(c, w, l, out, slope_ptr, t);
+  return {out, slope};
+}
+
+at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& logits, int64_t bh, int64_t bw,
+                             int64_t estimator, int64_t seed, int64_t offset, double beta, double gamma, double zeta,
+                             double tau, bool training, bool inverse) {
+  return std::get<0>(masked_weight_impl(weight, logits, bh, bw, estimator, seed, offset, beta, gamma, zeta, tau,
+                                        training, inverse, /*with_slope=*/false));
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_weight_slope_cpu(const at::Tensor& weight, const at::Tensor& logits,
+                                                           int64_t bh, int64_t bw, int64_t estimator, int64_t seed,
+                                                           int64_t offset, double beta, double gamma, double zeta,
+                                                           double tau, bool training, bool inverse) {
+  return masked_weight_impl(weight, logits, bh, bw, estimator, seed, offset, beta, gamma, zeta, tau, training,
+                            inverse, /*with_slope=*/true);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -952,6 +977,7 @@ TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
   m.impl("_gate_fwd", &fastmask::cpu::gate_fwd_cpu);
   m.impl("_gate_bwd", &fastmask::cpu::gate_bwd_cpu);
   m.impl("_masked_weight", &fastmask::cpu::masked_weight_cpu);
+  m.impl("_masked_weight_slope", &fastmask::cpu::masked_weight_slope_cpu);
   m.impl("_mask_grad", &fastmask::cpu::mask_grad_cpu);
   m.impl("_mask_grad_masked_weight", &fastmask::cpu::mask_grad_masked_weight_cpu);
 }

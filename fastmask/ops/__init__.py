@@ -1,7 +1,8 @@
 """The public fastmask ops (torch.library namespace ``fastmask``) and the backend switch."""
 
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
-from ._modes import get_check_finite, is_deterministic, set_check_finite, set_deterministic
+from ._modes import (MEMORY_POLICIES, get_check_finite, get_memory_policy, is_deterministic, set_check_finite,
+                     set_deterministic, set_memory_policy)
 from .gate import gate, hard_concrete
 from .gated_units import gated_units
 from .grouped_masked_linear import grouped_masked_linear
@@ -11,4 +12,5 @@ from .uniform import uniform
 
 __all__ = ["uniform", "gate", "hard_concrete", "masked_linear", "grouped_masked_linear", "gated_units", "l0_norm",
            "set_backend", "get_backend", "use_backend", "BACKENDS"]
-__all__ += ["set_deterministic", "is_deterministic", "set_check_finite", "get_check_finite"]
+__all__ += ["set_deterministic", "is_deterministic", "set_check_finite", "get_check_finite", "set_memory_policy",
+            "get_memory_policy", "MEMORY_POLICIES"]

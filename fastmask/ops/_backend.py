@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ref
-from ._composed import composed_grouped_backward, composed_mask_grad, matmul_acc
+from ._composed import composed_grouped_backward, composed_mask_grad, composed_masked_weight_and_slope, matmul_acc
 from ._interface import MaskBackend
 from ._modes import is_deterministic
 
@@ -53,6 +53,9 @@ class ReferenceBackend(MaskBackend):
     def masked_linear_forward(self, x, weight, logits, bias, block, in_out, p):
         return ref.masked_linear_ref(x, weight, logits, bias, weight_layout=_layout(in_out), block=block,
                                      **p.ref_kwargs())
+
+    def masked_weight_and_slope(self, weight, logits, block, p):
+        return ref.masked_weight_and_slope_ref(weight, logits, block, p)
 
     def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p, needs_input_grad,
                                needs_weight_grad):
@@ -115,6 +118,12 @@ class ExtensionBackend(MaskBackend):
         wm = self._masked_weight(weight, logits, block, p)
         return F.linear(x, wm.t() if in_out else wm, bias)
 
+    def masked_weight_and_slope(self, weight, logits, block, p):
+        if self.name == "cpu":  # one pass, each gate evaluated once; the CUDA kernels have no such op yet
+            return torch.ops.fastmask._masked_weight_slope(weight.contiguous(), logits, block[0], block[1],
+                                                           *p.cpp_args())
+        return composed_masked_weight_and_slope(self, weight, logits, block, p)
+
     def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p, needs_input_grad,
                                needs_weight_grad):
         # dWm in the weight's layout first, written in float32 by the GEMM itself for half dtypes (no round trip
@@ -172,6 +181,9 @@ class TritonBackend(MaskBackend):
 
     def masked_linear_forward(self, x, weight, logits, bias, block, in_out, p):
         return _triton_kernels().masked_linear_forward(x, weight, logits, bias, block, in_out, p)
+
+    def masked_weight_and_slope(self, weight, logits, block, p):
+        return composed_masked_weight_and_slope(self, weight, logits, block, p)
 
     def masked_linear_backward(self, grad_out, x, weight, logits, has_bias, block, in_out, p, needs_input_grad,
                                needs_weight_grad):

@@ -3,6 +3,7 @@ kernel for them (fastmask/ops/_backend.py says which backend uses which).
 
   matmul_acc                  a GEMM whose float32 result feeds a mask gradient (half dtypes)
   composed_mask_grad          MaskBackend.mask_grad: d(logits), dWm * m and W * m from dWm with the gate kernels
+  composed_masked_weight_and_slope  MaskBackend.masked_weight_and_slope from the gate kernels
   TokenGroups                 the tokens of K masks grouped into one (K, G, D) batch (the grouped op's bmm)
   composed_grouped_backward   MaskBackend.grouped_masked_linear_backward: one mask at a time through mask_grad
 """
@@ -42,6 +43,14 @@ def composed_mask_grad(backend: MaskBackend, grad_wm, weight, logits, block, p: 
     grad_weight = ref.apply_gates(grad_wm, gates, block).to(weight.dtype) if needs_weight_grad else None
     masked = ref.apply_gates(weight, gates, block) if needs_masked_weight else None
     return grad_logits, grad_weight, masked
+
+
+def composed_masked_weight_and_slope(backend: MaskBackend, weight, logits, block, p: GateParams):
+    """MaskBackend.masked_weight_and_slope from the backend's gate kernels: the gates, and their slopes as the gate
+    backward of ones (each gate evaluated twice: backends without a fused kernel pay it in the forward)."""
+    gates = backend.gate_forward(logits, p)
+    slope = backend.gate_backward(torch.ones_like(gates), logits, p)
+    return ref.apply_gates(weight, gates, block).contiguous(), slope
 
 
 class TokenGroups:

@@ -45,6 +45,12 @@ class MaskBackend(Protocol):
                               block: tuple[int, int], in_out: bool, p: GateParams) -> Tensor:
         """y = x (W * m)^T + b: (T, out) in x's dtype; bias (out,) in x's dtype, or None."""
 
+    def masked_weight_and_slope(self, weight: Tensor, logits: Tensor, block: tuple[int, int], p: GateParams
+                                ) -> tuple[Tensor, Tensor]:
+        """(W * m in the weight's dtype and layout, contiguous; dz/dl of every gate in the logits' compute dtype,
+        shaped like them) with each gate evaluated once: the forward of the "keep" memory policy
+        (``ref.masked_weight_and_slope_ref``)."""
+
     def masked_linear_backward(self, grad_out: Tensor, x: Tensor, weight: Tensor, logits: Tensor, has_bias: bool,
                                block: tuple[int, int], in_out: bool, p: GateParams, needs_input_grad: bool,
                                needs_weight_grad: bool) -> Grads:

@@ -1,7 +1,8 @@
-"""Process-wide switches of the ops: deterministic mode and the NaN-logits check.
+"""Process-wide switches of the ops: deterministic mode, the NaN-logits check and the memory policy.
 
     fm.set_deterministic(True)      # or torch.use_deterministic_algorithms(True), or FASTMASK_DETERMINISTIC=1
     fm.set_check_finite(True)       # also check CUDA logits (a device sync per op call); "auto" is the default
+    fm.set_memory_policy("keep")    # or FASTMASK_MEMORY_POLICY=keep; "auto" is the default
 
 Deterministic mode: every op gives the same bits run after run on the same machine. Only one path needs it: the
 Triton mask-gradient kernel sums d(logits) with atomic adds when a gate block spans several tiles (see
@@ -12,6 +13,22 @@ and backends disagree), so the ops refuse NaN logits before any kernel starts. R
 ``isnan(logits.amax())`` costs a device synchronisation on a GPU (about the time of a small kernel, per layer per
 call), so "auto" checks every call on CPU tensors and, on GPUs, only when asked (``set_check_finite(True)`` or
 FASTMASK_CHECK_FINITE=1). +-inf logits are valid (gates exactly 0 or 1, zero slopes).
+
+Memory policy of a per-weight (or block) masked linear layer in training, i.e. what its forward keeps for the
+backward besides x, W and the logits (which autograd keeps anyway):
+
+  "recompute"  nothing: the backward regenerates the gates from (seed, offset), once, in the pass that also gives
+               d(logits) and W * m (cpu backend; the others regenerate W * m separately). Two gate evaluations per
+               step (forward, backward); 0 extra bytes per weight. The GPU default: it keeps GPT-2 XL mask learning
+               within the memory of its dense fine-tune.
+  "keep"       W * m (the weight's dtype) and the gates' slopes dz/dl (float32, one per gate): the backward is two
+               GEMMs and one element-wise pass, with no gate evaluation. One gate evaluation per step; per gated
+               weight 4 + 4 = 8 bytes in float32 (2 + 4 = 6 with bfloat16 weights; block gates: the weight's bytes
+               plus 4 per block), held from the forward to the backward. The CPU default.
+  "auto"       "keep" for CPU tensors, "recompute" for every other device.
+
+The policy applies where the gates' gradient is wanted and the weight is frozen (a trainable weight needs the gates
+themselves in backward: "recompute"); unit, head and layer gates never build W * m (ops/gated_units.py).
 """
 
 from __future__ import annotations
@@ -28,6 +45,35 @@ def _env_check_finite() -> Union[bool, str]:
 
 _deterministic = os.environ.get("FASTMASK_DETERMINISTIC", "0").strip().lower() in ("1", "true")
 _check_finite: Union[bool, str] = _env_check_finite()
+
+MEMORY_POLICIES = ("auto", "keep", "recompute")
+_memory_policy = os.environ.get("FASTMASK_MEMORY_POLICY", "auto").strip().lower()
+if _memory_policy not in MEMORY_POLICIES:
+    raise ValueError(f"FASTMASK_MEMORY_POLICY must be one of {MEMORY_POLICIES}, got {_memory_policy!r}")
+
+
+def set_memory_policy(policy: str) -> None:
+    """What a training forward of a per-weight / block masked linear layer keeps for its backward: "auto" (default:
+    "keep" on CPU, "recompute" on GPUs), "keep" (W * m and the gate slopes: one gate evaluation per step, 8 bytes
+    per float32 weight) or "recompute" (nothing: the backward regenerates the gates). See the module doc."""
+    global _memory_policy
+    if policy not in MEMORY_POLICIES:
+        raise ValueError(f"fastmask.set_memory_policy: policy must be one of {MEMORY_POLICIES}, got {policy!r}")
+    _memory_policy = policy
+
+
+def get_memory_policy() -> str:
+    """The memory-policy setting ("auto", "keep" or "recompute")."""
+    return _memory_policy
+
+
+def memory_policy_for(device_type: str, policy: "str | None" = None) -> str:
+    """"keep" or "recompute" for tensors on ``device_type``: ``policy`` (a per-call choice) or the setting, with
+    "auto" resolved per device."""
+    chosen = _memory_policy if policy is None else policy
+    if chosen == "auto":
+        return "keep" if device_type == "cpu" else "recompute"
+    return chosen
 
 
 def set_deterministic(enabled: bool) -> None:

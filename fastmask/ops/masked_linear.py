@@ -1,8 +1,12 @@
 """fastmask::masked_linear: y = x (W * m(logits))^T + b with the gates sampled inside the op.
 
-Forward and backward are two custom ops; the autograd formula saves only x, W and the logits (no noise, no
-fp32 mask): the backward op regenerates the gates from (seed, offset). Weights are frozen unless they require
-grad, in which case grad_weight = dWm * m is returned too.
+Two ways to train per-weight and block gates, one per memory policy (fastmask/ops/_modes.py):
+  recompute  fastmask::masked_linear + fastmask::masked_linear_backward: the autograd formula saves only x, W and
+             the logits (no noise, no fp32 mask); the backward op regenerates the gates from (seed, offset).
+             Weights are frozen unless they require grad, in which case grad_weight = dWm * m is returned too.
+  keep       fastmask::masked_linear_keep: the forward also returns W * m and the gates' slopes (each gate
+             evaluated once), autograd saves them, and the backward is torch ops: dx = dy (W * m), dWm = dy^T x,
+             d(logits) = block sums of dWm * W times the slopes. Frozen weights only.
 """
 
 from __future__ import annotations
@@ -10,11 +14,15 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
+from .. import ref
 from ..ref import flatten_tokens, unit_axis
 from ._backend import resolve
 from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
-from ._modes import refuse_nan
+from ._composed import matmul_acc
+from ._modes import MEMORY_POLICIES, memory_policy_for, refuse_nan
+from ._validate import check_choice
 from ._validate import check_masked_linear
 from .gated_units import unit_masked_linear
 
@@ -86,6 +94,72 @@ def _backward(ctx, grad_out):
 _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastmask::masked_linear_keep", mutates_args=())
+def _masked_linear_keep_op(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor],
+                           estimator: str, seed: int, offset: int, training: bool, inverse: bool, weight_layout: str,
+                           block: Sequence[int], beta: float, gamma: float, zeta: float, tau: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, W * m, dz/dl): masked_linear's forward that also returns what the "keep" policy's backward needs."""
+    _, out_features, blk = check_masked_linear(x, weight, logits, bias, weight_layout, tuple(block), _WHERE)
+    params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+    refuse_nan(logits, "logits", _WHERE)
+    wm, slope = resolve(x.device).masked_weight_and_slope(weight, logits.contiguous(), blk, params)
+    y = F.linear(flatten_tokens(x), wm.t() if weight_layout == "in_out" else wm, bias)
+    return y.reshape(*x.shape[:-1], out_features), wm, slope
+
+
+@_masked_linear_keep_op.register_fake
+def _(x, weight, logits, bias, estimator, seed, offset, training, inverse, weight_layout, block, beta, gamma, zeta,
+      tau):
+    _, out_features, _ = check_masked_linear(x, weight, logits, bias, weight_layout, tuple(block), _WHERE)
+    return (x.new_empty(*x.shape[:-1], out_features),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            logits.new_empty(logits.shape, dtype=ref.compute_dtype(logits)))
+
+
+def _keep_setup_context(ctx, inputs, output):
+    x, weight, logits, bias, *scalars = inputs
+    _, wm, slope = output
+    ctx.mark_non_differentiable(wm, slope)
+    ctx.set_materialize_grads(False)  # no zero-filled (R, C) gradient for the W * m output that nothing uses
+    ctx.save_for_backward(x, weight, wm, slope)
+    ctx.logits_dtype = logits.dtype
+    ctx.in_out = scalars[5] == "in_out"
+    ctx.block = tuple(scalars[6])
+    ctx.n_scalars = len(scalars)
+
+
+def _keep_backward(ctx, grad_out, _grad_wm, _grad_slope):
+    x, weight, wm, slope = ctx.saved_tensors
+    if grad_out is None:  # grads are not materialised: y took no part in the loss
+        return (None,) * (4 + ctx.n_scalars)
+    needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
+    if needs_weight:  # masked_linear routes trainable weights to the recompute ops; a direct call cannot do this
+        raise RuntimeError(f"{_WHERE}: the 'keep' memory policy has no weight gradient (it keeps W * m, not m); "
+                           f"use memory='recompute' for a trainable weight")
+    dy, x2 = flatten_tokens(grad_out), flatten_tokens(x)
+    grad_logits = grad_x = grad_bias = None
+    if needs_logits:
+        grad_wm = matmul_acc(x2.t(), dy) if ctx.in_out else matmul_acc(dy.t(), x2)
+        grad_logits = ref.mask_grad_from_slope(grad_wm, weight, slope, ctx.block).to(ctx.logits_dtype)
+    if needs_x:
+        grad_x = (dy @ (wm.t() if ctx.in_out else wm)).reshape(x.shape).to(x.dtype)
+    if needs_bias:
+        grad_bias = dy.sum(0)
+    return (grad_x, None, grad_logits, grad_bias) + (None,) * ctx.n_scalars
+
+
+_masked_linear_keep_op.register_autograd(_keep_backward, setup_context=_keep_setup_context)
+
+
+def _keeps(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, memory: Optional[str]) -> bool:
+    """Whether this call runs the "keep" ops: the policy says so for x's device, the logits' gradient will be asked
+    for (a keep forward outside autograd would only waste its slope pass) and the weight is frozen."""
+    if memory_policy_for(x.device.type, memory) != "keep" or not torch.is_grad_enabled():
+        return False
+    return logits.requires_grad and not weight.requires_grad
+
+
 def _as_grid(logits: torch.Tensor, weight: torch.Tensor, weight_layout: str) -> torch.Tensor:
     """1-D unit logits -> the 2-D grid view in the weight's layout ((out, 1) / (1, in) for out_in)."""
     if logits.dim() != 1:
@@ -109,7 +183,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, b
                   *, estimator: str = "hard_concrete", seed: int = 0, offset: int = 0, training: bool = True,
                   inverse: bool = False, weight_layout: str = "out_in", block: Optional[Sequence[int]] = None,
                   beta: Optional[float] = None, gamma: float = DEFAULT_GAMMA, zeta: float = DEFAULT_ZETA,
-                  tau: float = DEFAULT_TAU) -> torch.Tensor:
+                  tau: float = DEFAULT_TAU, memory: Optional[str] = None) -> torch.Tensor:
     """Masked linear layer ``y = x (W * m)^T + b`` with the mask ``m`` sampled from ``logits`` inside the op.
 
     x: (..., in_features). weight: (out, in) for ``weight_layout="out_in"`` (nn.Linear) or (in, out) for
@@ -117,7 +191,10 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, b
     layout: the weight's shape (per weight), (out, 1) / (1, in) or 1-D (units), a block grid
     ``(ceil(R / bh), ceil(C / bw))`` with ``block=(bh, bw)`` (inferred when it divides the weight), (1, 1) (the
     layer). Gradients flow to x, logits and bias; to weight only if it requires grad. The noise of gate j is
-    ``uniform(seed, offset + j)``: change ``seed`` or ``offset`` every step for fresh samples.
+    ``uniform(seed, offset + j)``: change ``seed`` or ``offset`` every step for fresh samples. ``memory``: what a
+    per-weight / block training forward keeps for the backward, "keep" (W * m and the gate slopes, 8 bytes per
+    float32 weight: no gate evaluation in backward) or "recompute" (nothing); None: ``fm.set_memory_policy``'s
+    setting ("auto": keep on CPU, recompute on GPUs; fastmask/ops/_modes.py).
     """
     logits = _as_grid(logits, weight, weight_layout)
     _, _, blk = check_masked_linear(x, weight, logits, bias, weight_layout, block, _WHERE)
@@ -128,5 +205,10 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, b
         return unit_masked_linear(x, weight, logits, bias, axis, blk, weight_layout, estimator=estimator, seed=seed,
                                   offset=offset, training=bool(training), inverse=bool(inverse), beta=beta,
                                   gamma=float(gamma), zeta=float(zeta), tau=float(tau))
-    return _masked_linear_op(x, weight, logits, bias, estimator, seed, offset, bool(training), bool(inverse),
-                             weight_layout, list(blk), beta, float(gamma), float(zeta), float(tau))
+    if memory is not None:
+        check_choice(memory, MEMORY_POLICIES, "memory", _WHERE)
+    args = (x, weight, logits, bias, estimator, seed, offset, bool(training), bool(inverse), weight_layout, list(blk),
+            beta, float(gamma), float(zeta), float(tau))
+    if _keeps(x, weight, logits, memory):
+        return _masked_linear_keep_op(*args)[0]
+    return _masked_linear_op(*args)
