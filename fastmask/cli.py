@@ -25,6 +25,8 @@ EXPERIMENTS = {
                  "structural and tree-topological probes per layer (Li et al. 2023)"),
     "disentangle": ("fastmask.experiments.disentangle",
                    "one mask per factor to disentangle representations (Zhang et al. 2021)"),
+    "nm": ("fastmask.experiments.nm",
+           "learned N:M (2:4) sparsity masks vs magnitude and Wanda (MaskLLM, Fang et al. 2024)"),
 }
 
 

@@ -17,8 +17,10 @@ from typing import Optional
 
 from .ops._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA
 from .ops._validate import GRANULARITIES, check_mask_fields, subject
+from .ops.nm import NM_ESTIMATOR, check_nm, check_nm_params
 
 _WHERE = "MaskConfig."  # messages name the field: "MaskConfig.seed must be ..."
+_NM_FIELDS = ("n", "m", "nm_scale", "nm_hard")  # granularity="nm" only (checked for every config)
 
 
 @dataclass
@@ -38,6 +40,11 @@ class MaskConfig:
     n_masks       K independent masks per layer, learned in one forward pass (one per factor, or K samples):
                   logits (K, GR, GC); ``fastmask.mask_index(model, idx)`` says which mask each batch row uses.
     seed          base seed of the noise; layer ``name`` draws from seed ``fastmask.hf.layer_seed(seed, name)``.
+    n, m          granularity="nm": learned N:M masks (fastmask.nn.nm.NMMaskedLinear; 1 <= n < m <= 8), one choice
+                  among the C(m, n) patterns per group of m consecutive input weights. The estimator is "nm_gumbel"
+                  (left at its default, ``estimator`` becomes it), ``beta`` the Gumbel-softmax temperature (default
+                  1), ``nm_scale`` the logit scale, ``nm_hard`` straight-through hard masks (else soft); logits
+                  start at 0 (init_keep / init_logit do not apply: fastmask.nm_priors sets a prior). n_masks must be 1.
     """
 
     estimator: str = "hard_concrete"
@@ -52,6 +59,10 @@ class MaskConfig:
     tau: float = DEFAULT_TAU
     n_masks: int = 1
     seed: int = 0
+    n: int = 2
+    m: int = 4
+    nm_scale: float = 1.0
+    nm_hard: bool = True
 
     def __post_init__(self):
         self.validate()
@@ -59,10 +70,24 @@ class MaskConfig:
     def validate(self) -> "MaskConfig":
         """Check every field (also called on construction); returns self. Errors name the field. The checks are
         MaskedLinear's own (fastmask.ops._validate.check_mask_fields), so a valid config builds valid layers."""
-        checked = check_mask_fields(_WHERE, **{
-            f.name: getattr(self, f.name) for f in fields(self) if f.name != "targets"})
+        nm = self.granularity == "nm"
+        if nm and self.estimator not in ("hard_concrete", NM_ESTIMATOR):  # hard_concrete: the field's default
+            raise ValueError(f"{subject('estimator', _WHERE)} must be {NM_ESTIMATOR!r} for granularity='nm', got "
+                             f"{self.estimator!r}")
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("targets",) + _NM_FIELDS}
+        if nm:  # the shared checks know the gate estimators and grids only: the other fields are checked alike
+            shared.update(estimator="hard_concrete", granularity="weight")
+        checked = check_mask_fields(_WHERE, **shared)
+        if nm:
+            checked.update(estimator=NM_ESTIMATOR, granularity="nm")
+            if checked["n_masks"] != 1:
+                raise ValueError(f"{subject('n_masks', _WHERE)} must be 1 for granularity='nm', got {self.n_masks}")
         for name, value in checked.items():
             setattr(self, name, value)
+        self.n, self.m = check_nm(self.n, self.m, _WHERE)
+        _, self.nm_scale, self.nm_hard = check_nm_params(1.0, self.nm_scale, self.nm_hard, _WHERE,
+                                                         ("beta", "nm_scale", "nm_hard"))
+        self.nm_scale = float(self.nm_scale)
         if self.targets is not None:
             if isinstance(self.targets, str):
                 self.targets = [self.targets]

@@ -48,6 +48,7 @@ from torch import nn
 
 from .config import MaskConfig
 from .nn.masked_linear import MaskedLinear, mask_index, masked_layers, set_mask_index, set_step
+from .nn.nm import NMMaskedLinear
 from .nn.surgery import CONFIG_ATTR, block_index, block_key, layer_seed, linear_layers, mask_layers
 from .ops import l0_norm
 from .ops._common import is_dtensor
@@ -186,6 +187,13 @@ def apply(model: nn.Module, config: Optional[MaskConfig] = None, **overrides) ->
                                  f"({type(module).__name__}, role {role or 'unknown'}) is not one. Target the "
                                  f"attention output / q, k, v projections only")
             layer_kwargs.update(head_dim=dim, head_side=HEAD_SIDE[role])
+    if config.granularity == "nm":  # learned N:M masks: their own layer (fastmask.nn.nm)
+        plan = {name: dict(n=config.n, m=config.m, temperature=1.0 if config.beta is None else config.beta,
+                           scale=config.nm_scale, hard=config.nm_hard, seed=layer_seed(config.seed, name))
+                for name, _ in chosen}
+        mask_layers(model, chosen, lambda name, module: NMMaskedLinear.from_module(module, **plan[name]), freeze=True)
+        setattr(model, CONFIG_ATTR, config)
+        return model
     mask_layers(model, chosen, lambda name, module: MaskedLinear.from_module(module, **plan[name]), freeze=True)
     setattr(model, CONFIG_ATTR, config)
     return model
@@ -236,6 +244,9 @@ def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 # --- penalties and statistics -------------------------------------------------------------------------------
 def _layer_l0(layer: MaskedLinear, weighted: bool, mask: Optional[int]) -> torch.Tensor:
+    if isinstance(layer, NMMaskedLinear):  # N:M keeps n of every m weights whatever the logits: a constant
+        kept = layer.expected_kept() if weighted else layer.weight.numel() * layer.n / layer.m
+        return layer.logits.new_tensor(kept)
     kwargs = layer.gate_params().estimator_kwargs()
     logits = layer._of_mask(layer.logits, layer.check_mask(mask, "fastmask.l0_penalty"))
     if not weighted:

@@ -521,3 +521,121 @@ def hard_concrete_naive(logits, beta=2 / 3, gamma=-0.1, zeta=1.1, generator=None
     u = u.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / beta)
     return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+
+# --- learned N:M masks (MaskLLM-style Gumbel-softmax over the admissible patterns) ----------------------------
+# A group is M consecutive weights along the input (reduction) dimension of the (out, in) weight; for an (in, out)
+# weight (GPT-2's Conv1D) that is M consecutive rows. The C = C(M, N) admissible patterns of a group (N ones among
+# M) are ``nm_patterns(n, m)`` in itertools.combinations order, and a layer's logits are (out, in / M, C), one
+# categorical choice per group, in that (out, group, pattern) order whatever the weight's layout. Noise: logit j
+# (row-major flat index) draws ``uniform(seed, offset + j)``, clamped like the gates' noise, Gumbel g = -log(-log u).
+#
+#   z = (scale * l + g) / temperature (training; no g in eval), y = softmax(z) over the C patterns
+#   soft: mask = y @ S (a convex mix of patterns; gradient exact)
+#   hard: mask = S[argmax z] (exactly N of M), gradient straight through the soft mask (y @ S)
+#   eval: mask = S[argmax l] (exactly N of M, ties to the first pattern), slope of softmax(scale * l / temperature)
+#
+# d(logits) from the per-weight gradient d(mask) = dWm * W (grouped (out, G, M)): dy = d(mask) @ S^T, then the
+# softmax Jacobian dz = y * (dy - sum_c y_c dy_c), times scale / temperature.
+
+
+def nm_patterns(n: int, m: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The C(m, n) admissible N:M patterns as a (C, m) 0/1 tensor, in itertools.combinations order (pattern c keeps
+    the c-th n-subset of range(m) in lexicographic order; the C++ kernel enumerates them the same way)."""
+    kept = torch.combinations(torch.arange(m), r=n).reshape(-1, n)
+    patterns = torch.zeros(kept.shape[0], m, dtype=dtype)
+    patterns.scatter_(1, kept, 1.0)
+    return patterns.to(device)
+
+
+def nm_logits_shape(weight_shape: Sequence[int], m: int, weight_layout: str = "out_in") -> tuple[int, int, int]:
+    """(out, in // m): the first two dimensions of a layer's N:M logits (the third is C(m, n))."""
+    out_features, in_features = weight_shape if weight_layout == "out_in" else tuple(weight_shape)[::-1]
+    return out_features, in_features // m
+
+
+def _gumbel_noise(shape, seed: int, offset: int, dtype, device) -> torch.Tensor:
+    """-log(-log u) of the clamped Philox noise (u clamped in float32, then the math in ``dtype``)."""
+    u = uniform_ref(shape, seed, offset, device=device).clamp(UNIFORM_EPS, 1.0 - UNIFORM_EPS).to(dtype)
+    return -torch.log(-torch.log(u))
+
+
+def nm_soft_ref(logits, *, seed=0, offset=0, training=True, temperature=1.0, scale=1.0, noise=None):
+    """(y, z): softmax probabilities over the patterns and the pre-softmax scores z, in the compute dtype.
+    ``noise``: the Gumbel noise if already drawn (the op layer draws it with its backend's ``uniform``)."""
+    l = logits.to(compute_dtype(logits))
+    z = scale * l
+    if training:
+        g = _gumbel_noise(l.shape, seed, offset, l.dtype, l.device) if noise is None else noise.to(l.dtype)
+        z = z + g
+    z = z / temperature
+    return torch.softmax(z, dim=-1), z
+
+
+def nm_group_mask_ref(logits, *, n, m, seed=0, offset=0, training=True, hard=True, temperature=1.0, scale=1.0,
+                      noise=None) -> torch.Tensor:
+    """The mask of every group, (out, G, m) in the compute dtype (see the section comment)."""
+    patterns = nm_patterns(n, m, compute_dtype(logits), logits.device)
+    if not training:
+        return patterns[logits.argmax(dim=-1)]
+    y, z = nm_soft_ref(logits, seed=seed, offset=offset, training=True, temperature=temperature, scale=scale,
+                       noise=noise)
+    return patterns[z.argmax(dim=-1)] if hard else y @ patterns
+
+
+def nm_mask_ref(logits, *, n, m, **nm) -> torch.Tensor:
+    """The N:M mask as an (out, in) tensor (the nn.Linear orientation) in the compute dtype; ``nm``: the keywords of
+    ``nm_group_mask_ref``."""
+    groups = nm_group_mask_ref(logits, n=n, m=m, **nm)
+    return groups.reshape(groups.shape[0], -1)
+
+
+def nm_masked_weight_ref(weight, logits, *, n, m, weight_layout="out_in", **nm) -> torch.Tensor:
+    """W * mask in the weight's dtype and layout (product in float32, or float64, rounded once)."""
+    mask = _as_out_in(nm_mask_ref(logits, n=n, m=m, **nm), weight_layout)
+    up = _upcast(weight)
+    return (up * mask.to(up.dtype)).to(weight.dtype)
+
+
+def nm_masked_linear_ref(x, weight, logits, bias=None, *, n, m, weight_layout="out_in", **nm) -> torch.Tensor:
+    """y = x (W * mask)^T + b with the N:M mask of ``logits`` (``nm``: seed, offset, training, hard, temperature,
+    scale)."""
+    wm = nm_masked_weight_ref(weight, logits, n=n, m=m, weight_layout=weight_layout, **nm)
+    return F.linear(x, _as_out_in(wm, weight_layout), bias)
+
+
+def nm_logits_backward_ref(grad_group_mask, logits, *, n, m, seed=0, offset=0, training=True, hard=True,
+                           temperature=1.0, scale=1.0, noise=None) -> torch.Tensor:
+    """d(loss)/d(logits) (compute dtype) from d(loss)/d(mask) grouped as (out, G, m): through the soft mask y @ S
+    (exact for ``hard=False``, the straight-through surrogate for ``hard=True`` and in eval)."""
+    del hard  # the same surrogate either way: the soft mask's Jacobian
+    patterns = nm_patterns(n, m, compute_dtype(logits), logits.device)
+    y, _ = nm_soft_ref(logits, seed=seed, offset=offset, training=training, temperature=temperature, scale=scale,
+                       noise=noise)
+    dy = grad_group_mask.to(y.dtype) @ patterns.t()
+    dz = y * (dy - (y * dy).sum(-1, keepdim=True))
+    return dz * (scale / temperature)
+
+
+def nm_masked_linear_backward_ref(grad_out, x, weight, logits, *, n, m, has_bias=False, weight_layout="out_in",
+                                  needs_weight_grad=False, **nm):
+    """(grad_x, grad_weight, grad_logits, grad_bias) of ``nm_masked_linear_ref``; dWm = dy^T x accumulated in
+    float32 (float64). grad_weight = dWm * mask (None unless asked), grad_bias None unless ``has_bias``."""
+    mask = nm_mask_ref(logits, n=n, m=m, **nm)  # (out, in)
+    up_w = _upcast(weight)
+    wm = (up_w * _as_out_in(mask, weight_layout).to(up_w.dtype)).to(weight.dtype)
+    grad_x = (grad_out @ _as_out_in(wm, weight_layout)).to(x.dtype)
+    dy2 = _upcast(flatten_tokens(grad_out))
+    x2 = _upcast(flatten_tokens(x))
+    grad_wm = dy2.t() @ x2  # (out, in), float32 (float64)
+    per_weight = (grad_wm * _as_out_in(up_w, weight_layout).to(grad_wm.dtype)).to(mask.dtype)
+    grad_logits = nm_logits_backward_ref(per_weight.reshape(*logits.shape[:2], m), logits, n=n, m=m, **nm)
+    grad_weight = None
+    if needs_weight_grad:
+        grad_weight = _as_out_in(grad_wm * mask.to(grad_wm.dtype), weight_layout).to(weight.dtype)
+    grad_bias = dy2.sum(0).to(grad_out.dtype) if has_bias else None
+    return grad_x, grad_weight, grad_logits.to(logits.dtype), grad_bias
+
+
+__all__ += ["nm_patterns", "nm_logits_shape", "nm_soft_ref", "nm_group_mask_ref", "nm_mask_ref",
+            "nm_masked_weight_ref", "nm_masked_linear_ref", "nm_logits_backward_ref", "nm_masked_linear_backward_ref"]

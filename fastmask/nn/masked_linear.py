@@ -172,7 +172,7 @@ class MaskedLinear(nn.Module):
         elif _is_conv1d(module):
             masked = cls(module.weight, module.bias, weight_layout="in_out", **kwargs)
         else:
-            raise TypeError(f"MaskedLinear.from_module: expected nn.Linear or transformers Conv1D, got "
+            raise TypeError(f"{cls.__name__}.from_module: expected nn.Linear or transformers Conv1D, got "
                             f"{type(module).__name__}")
         object.__setattr__(masked, "_base_module", module)
         return masked

@@ -1,4 +1,5 @@
-"""Helpers shared by the op modules: default estimator parameters and the GateParams they become."""
+"""Helpers shared by the op modules: default estimator parameters, the GateParams they become, and the autograd
+formula of the ops whose backward is a second custom op."""
 
 from __future__ import annotations
 
@@ -46,3 +47,27 @@ def allow_dtensor(tensor: torch.Tensor) -> None:
         from . import _sharding  # imports torch.distributed.tensor: loaded only here, see above
 
         _sharding.register()
+
+
+def register_backward_op(forward_op, backward_op) -> None:
+    """Autograd of ``forward_op(x, weight, logits, bias, *scalars)`` through ``backward_op(grad_out, x, weight,
+    logits, has_bias, *scalars, needs_input_grad, needs_weight_grad) -> (grad_x, grad_weight, grad_logits,
+    grad_bias)``: the forward saves only x, W and the logits, and the backward op regenerates the rest (the noise
+    is a function of the scalars). Gradients that were not asked for come back as None."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, logits, bias, *scalars = inputs
+        ctx.save_for_backward(x, weight, logits)
+        ctx.has_bias = bias is not None
+        ctx.scalars = scalars
+
+    def backward(ctx, grad_out):
+        x, weight, logits = ctx.saved_tensors
+        needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
+        grad_x, grad_weight, grad_logits, grad_bias = backward_op(
+            grad_out, x, weight, logits, ctx.has_bias, *ctx.scalars, needs_x, needs_weight)
+        return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
+                (grad_logits if needs_logits else None), (grad_bias if needs_bias else None)) + \
+            (None,) * len(ctx.scalars)
+
+    forward_op.register_autograd(backward, setup_context=setup_context)

@@ -181,8 +181,10 @@ def resolve_block(logits_shape: Sequence[int], weight_shape: Sequence[int], bloc
     return min(bh, max(rows, 1)), min(bw, max(cols, 1))
 
 
-def check_masked_linear(x, weight, logits, bias, weight_layout, block, where="fastmask.ops.masked_linear"):
-    """Validate masked_linear's tensors; returns (in_features, out_features, (bh, bw))."""
+def check_linear_operands(x, weight, logits, bias, weight_layout, where: str) -> tuple[int, int]:
+    """The tensors of a masked linear op (masked_linear, nm_masked_linear) apart from the logits' shape: float
+    tensors on one device, a 2-D weight in a known layout, x and bias that fit it; returns (in_features,
+    out_features)."""
     for name, t in (("x", x), ("weight", weight), ("logits", logits)):
         check_float_tensor(t, name, where)
     if bias is not None:
@@ -204,6 +206,12 @@ def check_masked_linear(x, weight, logits, bias, weight_layout, block, where="fa
         raise ValueError(f"{where}: bias must have shape [{out_features}], got {list(bias.shape)}")
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"{where}: bias must have the dtype of x ({x.dtype}), got {bias.dtype}")
+    return in_features, out_features
+
+
+def check_masked_linear(x, weight, logits, bias, weight_layout, block, where="fastmask.ops.masked_linear"):
+    """Validate masked_linear's tensors; returns (in_features, out_features, (bh, bw))."""
+    in_features, out_features = check_linear_operands(x, weight, logits, bias, weight_layout, where)
     resolved = resolve_block(tuple(logits.shape), tuple(weight.shape), block, where)
     return in_features, out_features, resolved
 

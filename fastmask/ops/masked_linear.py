@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import ref
 from ..ref import flatten_tokens, unit_axis
 from ._backend import resolve
-from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
+from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params, register_backward_op
 from ._composed import matmul_acc
 from ._modes import MEMORY_POLICIES, memory_policy_for, refuse_nan
 from ._validate import check_choice
@@ -75,23 +75,7 @@ def _(grad_out, x, weight, logits, has_bias, estimator, seed, offset, training, 
             grad_out.new_empty(grad_out.shape[-1]) if has_bias else x.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, logits, bias, *scalars = inputs
-    ctx.save_for_backward(x, weight, logits)
-    ctx.has_bias = bias is not None
-    ctx.scalars = scalars
-
-
-def _backward(ctx, grad_out):
-    x, weight, logits = ctx.saved_tensors
-    needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
-    grad_x, grad_weight, grad_logits, grad_bias = _masked_linear_backward_op(
-        grad_out, x, weight, logits, ctx.has_bias, *ctx.scalars, needs_x, needs_weight)
-    return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
-            (grad_logits if needs_logits else None), (grad_bias if needs_bias else None)) + (None,) * len(ctx.scalars)
-
-
-_masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+register_backward_op(_masked_linear_op, _masked_linear_backward_op)
 
 
 @torch.library.custom_op("fastmask::masked_linear_keep", mutates_args=())
