@@ -107,6 +107,24 @@ def test_review_aspect_lexicon_keeps_sentences_naming_exactly_one_aspect():
     assert not set(dd.ASPECT_LEXICON["story"]) & set(dd.ASPECT_LEXICON["acting"])
 
 
+def test_neutralised_reviews_hide_every_aspect_word_and_keep_the_labels():
+    assert dd.neutralise_aspect_words("The Actor's co-star and the PLOT ; enactment , scripts .") == \
+        "The thing's thing and the thing ; enactment , thing ."
+    kept = dd.load_reviews(SHARED_DATA)
+    hidden = dd.load_reviews(SHARED_DATA, keywords="neutralise")
+    assert hidden.labels == kept.labels and len(hidden) == 2005
+    lexicon = {w for words in dd.ASPECT_LEXICON.values() for w in words}
+    assert all(not set(dd.ASPECT_WORDS.findall(t.lower())) & lexicon for t in hidden.texts)
+    assert all(dd.review_aspect(t) is None for t in hidden.texts)
+    # only the lexicon words changed: the text outside them is the same
+    for a, b in zip(kept.texts[:200], hidden.texts[:200]):
+        assert dd.ASPECT_WORDS_ANY_CASE.sub("_", a) == dd.ASPECT_WORDS_ANY_CASE.sub("_", b)
+    with pytest.raises(ValueError, match="load_reviews: keywords must be one of"):
+        dd.load_reviews(SHARED_DATA, keywords="drop")
+    with pytest.raises(ConfigError, match="review_keywords"):
+        dc.DisentangleConfig(review_keywords="drop").validate()
+
+
 def test_reviews_loader_counts_balance_and_correlation_control():
     """The offline stand-in for sentiment x genre: Pang & Lee polarity x the lexicon aspect; counts on v1.0."""
     data = dd.load_reviews(SHARED_DATA)
@@ -372,6 +390,34 @@ def test_leakage_table_on_synthetic_features_with_a_known_answer():
     assert all(abs(a - 0.5) < 0.1 for a in table["noise"])
     assert de.disentanglement_score(table, 2) == pytest.approx(
         (table["mask_0"][0] - table["mask_0"][1] + table["mask_1"][1] - table["mask_1"][0]) / 2)
+    gaps = de.own_minus_other({**table, "adversarial_1": table["mask_1"]})
+    assert set(gaps) == {"mask_0", "mask_1", "adversarial_1"}
+    assert gaps["mask_0"] == table["mask_0"][0] - table["mask_0"][1]
+    assert gaps["adversarial_1"] == gaps["mask_1"] == table["mask_1"][1] - table["mask_1"][0]
+
+
+def test_mlp_leakage_finds_a_factor_hidden_from_the_linear_probe():
+    """A representation that carries factor 1 only as the XOR of two feature signs: the linear leakage table calls
+    it clean (factor 1 near chance), the MLP table finds it."""
+    gen = torch.Generator().manual_seed(1)
+    labels = {s: torch.randint(0, 2, (400, 2), generator=gen) for s in ("probe", "test")}
+
+    def hiding(split):
+        x = torch.randn(400, 5, generator=gen)
+        x[:, 0] += 4 * labels[split][:, 0].float()  # factor 0 linearly
+        sign = torch.where(torch.rand(400, generator=gen) < 0.5, 1.0, -1.0)
+        x[:, 1], x[:, 2] = sign * (1 + x[:, 1].abs()), sign * (2 * labels[split][:, 1].float() - 1) * (
+            1 + x[:, 2].abs())  # factor 1 = whether features 1 and 2 share a sign
+        return x
+
+    features = {"mask_0": {s: hiding(s) for s in labels}}
+    linear = de.leakage_table(features, labels)
+    mlp = de.leakage_table(features, labels, probe="mlp", seed=0)
+    assert linear["mask_0"][0] > 0.95 and abs(linear["mask_0"][1] - 0.5) < 0.1
+    assert mlp["mask_0"][0] > 0.9 and mlp["mask_0"][1] > 0.85
+    assert mlp == de.leakage_table(features, labels, probe="mlp", seed=0)  # deterministic per seed
+    with pytest.raises(ValueError, match="leakage_table: probe must be one of"):
+        de.leakage_table(features, labels, probe="rbf")
 
 
 def test_adversarial_removal_hides_the_other_factor():
@@ -414,6 +460,12 @@ def test_cli_end_to_end_on_a_tiny_bert(tiny_bert_dir, tmp_path):
     assert set(metrics["leakage"]) == {"unmasked", "mask_0", "mask_1", "adversarial_0", "adversarial_1",
                                        "finetuned_0", "finetuned_1"}
     assert all(0 <= a <= 1 for row in metrics["leakage"].values() for a in row)
+    assert set(metrics["leakage_mlp"]) == set(metrics["leakage"]) and metrics["seed"] == 0
+    assert all(0 <= a <= 1 for row in metrics["leakage_mlp"].values() for a in row)
+    assert metrics["own_minus_other_mlp"]["mask_1"] == pytest.approx(
+        metrics["leakage_mlp"]["mask_1"][1] - metrics["leakage_mlp"]["mask_1"][0])
+    assert all("disentanglement_mlp" in r and "leakage_mlp" in r for r in metrics["sweep"])
+    assert "MLP probes" in (out / "report.md").read_text()
     assert metrics["data"]["splits"] == {"train": 60, "probe": 40, "test": 40, "shifted": 40}
     dup = metrics["data"]["deduplication"]
     assert dup["kept"] == dup["examples"] - dup["removed"]
@@ -438,11 +490,13 @@ def test_cli_end_to_end_on_a_tiny_bert(tiny_bert_dir, tmp_path):
     assert zeros == int(0.2 * sum(layer.weight.numel() for layer in fm.masked_modules(encoder).values()))
 
 
-def test_cli_end_to_end_on_the_reviews_setting(tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("keywords", ["keep", "neutralise"])
+def test_cli_end_to_end_on_the_reviews_setting(tiny_bert_dir, tmp_path, keywords):
     from fastmask.cli import build_parser
 
     out = tmp_path / "reviews"
     args = build_parser().parse_args(["run", "disentangle", "--model", str(tiny_bert_dir), "--data", "reviews",
+                                      "--review-keywords", keywords,
                                       "--train-size", "40", "--probe-size", "40", "--test-size", "40",
                                       "--shifted-size", "40", "--steps", "2", "--batch-size", "4",
                                       "--sweep-sparsities", "0", "--adv-steps", "3", "--finetune-steps", "0",
@@ -457,6 +511,8 @@ def test_cli_end_to_end_on_the_reviews_setting(tiny_bert_dir, tmp_path):
     assert config["data"] == "reviews" and config["max_length"] == 40  # the setting's default
     report = (out / "report.md").read_text()
     assert "STAND-IN" in report and "genre" in report and "co-star" in report
+    assert ("the keywords stay in the text" in report) == (keywords == "keep")
+    assert ("replaced by the neutral word 'thing'" in report) == (keywords == "neutralise")
 
 
 def test_setting_defaults_fill_only_what_is_not_given(tmp_path):
@@ -545,3 +601,74 @@ def test_data_parallel_run_under_torchrun_follows_the_one_process_run(tiny_bert_
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-3, rtol=0, msg=name)
     assert (two / "report.md").is_file() and (two / "metrics.json").is_file()
+
+
+def test_cli_seeds_run_each_seed_then_mean_and_ci_and_resume_per_seed(tiny_bert_dir, tmp_path, monkeypatch):
+    from fastmask.cli import build_parser
+    from fastmask.experiments.stats import mean_ci
+
+    out = tmp_path / "seeds"
+    argv = ["run", "disentangle", "--model", str(tiny_bert_dir), *TINY_RUN, "--out", str(out),
+            "--data-dir", str(SHARED_DATA), "--seeds", "0,3"]
+    assert dis.run_from_args(build_parser().parse_args(argv)) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["seeds"] == [0, 3] and summary["n_seeds"] == 2
+    per_seed = [json.loads((out / f"seed-{s}" / "metrics.json").read_text()) for s in (0, 3)]
+    assert [m["seed"] for m in per_seed] == [0, 3]
+    assert json.loads((out / "seed-3" / "config.json").read_text())["seed"] == 3
+    # every figure is the mean / t-interval of the per-seed values
+    for probe in ("", "_mlp"):
+        for rep in ("mask_0", "mask_1", "adversarial_0", "finetuned_1"):
+            values = [m[f"own_minus_other{probe}"][rep] for m in per_seed]
+            got = summary[f"own_minus_other{probe}"][rep]
+            assert got["values"] == pytest.approx(values)
+            assert got["mean"] == pytest.approx(mean_ci(values)["mean"])
+            assert got["half_width"] == pytest.approx(12.706204736 * abs(values[0] - values[1]) / 2, abs=1e-9)
+            row, k = per_seed[0][f"leakage{probe}"][rep], int(rep[-1])
+            assert values[0] == pytest.approx(row[k] - row[1 - k])
+        assert summary[f"leakage{probe}"]["unmasked"][1]["values"] == pytest.approx(
+            [m[f"leakage{probe}"]["unmasked"][1] for m in per_seed])
+    assert [r["prune_sparsity"] for r in summary["sweep"]] == [0.2, 0.5]
+    assert summary["sweep"][1]["disentanglement_mlp"]["values"] == pytest.approx(
+        [m["sweep"][1]["disentanglement_mlp"] for m in per_seed])
+    verdict = summary["own_minus_other_ci_above_0"]["mask_0"]["linear"]
+    assert verdict == (summary["own_minus_other"]["mask_0"]["low"] > 0)
+    report = (out / "report.md").read_text()
+    assert "over 2 seeds" in report and "MLP probes" in report and " ± " in report
+    for name in ("report.md", "config.json", "leakage.png", "sweep.png"):
+        assert (out / name).is_file(), name
+    # a second run without --resume refuses the folder; --resume with every seed finished reruns none of them
+    with pytest.raises(ConfigError, match="out: .* already holds a run"):
+        dis.run_from_args(build_parser().parse_args(argv))
+    calls = []
+    monkeypatch.setattr(dis.train, "run_one_seed", lambda *a, **k: calls.append(a) or {})
+    assert dis.run_from_args(build_parser().parse_args(argv + ["--resume"])) == 0
+    assert calls == []
+    # more seeds on --resume: only the new one runs (here a stand-in that writes nothing)
+    more = [a if a != "0,3" else "0,3,4" for a in argv] + ["--resume"]
+    assert dis.run_from_args(build_parser().parse_args(more)) == 0
+    assert [c[0].seed for c in calls] == [4] and calls[0][0].out == str(out / "seed-4")
+    assert json.loads((out / "metrics.json").read_text())["seeds"] == [0, 3]  # the stand-in finished nothing
+    # an unfinished seed (its metrics gone, its checkpoints kept) is resumed from its checkpoint, the other kept
+    (out / "seed-3" / "metrics.json").unlink()
+    monkeypatch.undo()
+    assert dis.run_from_args(build_parser().parse_args(argv + ["--resume"])) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["own_minus_other"]["mask_1"]["values"] == pytest.approx(summary["own_minus_other"]["mask_1"]["values"])
+    assert again["disentanglement_mlp"]["values"] == pytest.approx(summary["disentanglement_mlp"]["values"])
+
+
+def test_seeds_flag_keeps_a_single_seed_working_and_checks_its_values(tmp_path):
+    one = dc.DisentangleConfig(out=str(tmp_path), seed=5).validate()
+    assert one.seeds == [] and one.seed == 5
+    assert _parse(["--seeds", "0", "1", "2"]).seeds == ["0", "1", "2"]
+    from fastmask.experiments.runner import config_from_args
+    assert config_from_args(dc.DisentangleConfig, _parse(["--seeds", "0,1,2"]), "disentangle").seeds == [0, 1, 2]
+    assert config_from_args(dc.DisentangleConfig, _parse(["--sweep-sparsities", "0.5,0.8"]),
+                            "disentangle").sweep_sparsities == [0.5, 0.8]
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        dc.DisentangleConfig(seeds=[1, 1]).validate()
+    with pytest.raises(ConfigError, match="seeds"):
+        dc.DisentangleConfig(seeds=[-1]).validate()
+    with pytest.raises(ConfigError, match=r"seeds\[1\]"):
+        config_from_args(dc.DisentangleConfig, _parse(["--seeds", "0,x"]), "disentangle")

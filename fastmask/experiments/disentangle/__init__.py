@@ -26,16 +26,22 @@ Meent, Wallace, EMNLP 2021), one mask per factor, all K masks learned in one for
 * Evaluation (all on frozen features, eval-mode gates): fresh logistic-regression probes per representation (each
   mask, the unmasked model, the adversarial baseline per factor) and per factor, trained on a balanced
   (uncorrelated) probe split and scored on a balanced test split: the leakage table (own factor high, others near
-  chance 0.5). Robustness: a probe for a representation's own factor trained on the CORRELATED training split
-  (factors agree on ``train_agreement`` of it) and tested on the SHIFTED split (agreement 1 - train_agreement): a
-  representation that carries the other factor lets the probe lean on it and loses accuracy there. A
-  sparsity-vs-disentanglement curve: masks retrained (``sweep_steps``) at each pruning sparsity of the sweep.
+  chance 0.5), and the same table with MLP probes (one hidden layer, early stopping on a dev split held out of the
+  probe split: what a linear probe misses may still be recoverable). Robustness: a probe for a representation's
+  own factor trained on the CORRELATED training split (factors agree on ``train_agreement`` of it) and tested on the
+  SHIFTED split (agreement 1 - train_agreement): a representation that carries the other factor lets the probe
+  lean on it and loses accuracy there. A sparsity-vs-disentanglement curve: masks retrained (``sweep_steps``) at
+  each pruning sparsity of the sweep.
 * Adversarial-removal baseline (gradient reversal), per factor k: an MLP over the frozen unmasked features trained on
   the same training split to predict factor k while adversaries predicting the other factors see its output
   through a gradient-reversal layer (a deviation from fine-tuning the whole encoder adversarially, for CPU budget;
   it removes the factor from the pooled representation the same way).
 * Fine-tuned baseline, per factor k: a fresh copy of the encoder whose masked blocks (the same top blocks; their
   input cached the same way) are fine-tuned with a linear head for factor k (cross-entropy, ``finetune_steps``).
+* Seeds (``--seeds 0,1,2``, seeds.py): the whole run (data split, masks, baselines, probes, sweep) once per seed in
+  ``<out>/seed-<s>/`` (each resumable from its checkpoints; ``--resume`` skips finished seeds), then the mean and the
+  95% t-interval over the seeds of every figure (``fastmask.experiments.stats``) in ``<out>``'s metrics.json,
+  report.md (seed_report.py) and plots with error bars. Without ``--seeds``: one run of ``--seed`` in ``<out>``.
 * Data (``--data``, see data.py): ``tweets`` (default; the paper's setting 2, toxicity x dialect) or
   ``reviews`` (an offline stand-in for setting 1, sentiment x genre: Pang & Lee sentence polarity x the aspect a
   sentence talks about, acting or story, from a keyword lexicon). Split sizes and max_length default per setting.

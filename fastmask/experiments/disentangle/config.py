@@ -27,6 +27,10 @@ class DisentangleConfig(RunConfig):
     """Defaults: the paper's method on the offline tweets, sized for a few minutes on a 2-core CPU
     (docs/experiments/disentangle.md)."""
 
+    seeds: list[int] = field(default_factory=list, metadata=help_metadata(
+        "run the whole experiment (splits, masks, baselines, probes, sweep) once per seed, each in <out>/seed-<s>/ "
+        "(resumable per seed), and report mean and 95% t-interval over them (comma or space separated, e.g. "
+        "0,1,2; empty: one run with --seed in <out>)"))
     steps: int = field(default=200, metadata=help_metadata("mask-learning steps"))
     checkpoint_every: int = field(default=50, metadata=help_metadata("steps between checkpoints (0: only at the end)"))
     model: str = field(default="all-minilm-l6-v2", metadata=help_metadata(
@@ -36,6 +40,9 @@ class DisentangleConfig(RunConfig):
         "Lee sentence polarity x the aspect a sentence talks about (acting / story, keyword lexicon), an offline "
         "stand-in for the paper's setting 1, sentiment x genre of movie reviews (no genre-labelled review set is "
         "packaged or downloaded)"))
+    review_keywords: Literal["keep", "neutralise"] = field(default="keep", metadata=help_metadata(
+        "--data reviews: keep the aspect lexicon's words in the text (the aspect is then decodable from word identity) "
+        "or neutralise them (each replaced by 'thing' after labelling: the aspect must be inferred from context)"))
     data_limit: Optional[int] = field(default=None, metadata=help_metadata(
         "read only the first N raw examples (tests)"))
     dialect_confidence: float = field(default=0.6, metadata=help_metadata(
@@ -92,6 +99,12 @@ class DisentangleConfig(RunConfig):
 
     def validate(self) -> "DisentangleConfig":
         super().validate()
+        check(isinstance(self.seeds, list) and all(isinstance(s, int) and not isinstance(s, bool)
+                                                   and 0 <= s < 2**63 for s in self.seeds),
+              "seeds", "a list of ints in [0, 2**63)", self.seeds)
+        check(len(set(self.seeds)) == len(self.seeds), "seeds", "distinct seeds", self.seeds)
+        check(self.review_keywords in ("keep", "neutralise"), "review_keywords", "'keep' or 'neutralise'",
+              self.review_keywords)
         check(self.data in SETTING_DEFAULTS, "data", f"one of {sorted(SETTING_DEFAULTS)}", self.data)
         for name, value in SETTING_DEFAULTS[self.data].items():  # the setting's defaults for the fields left None
             if getattr(self, name) is None:

@@ -15,7 +15,9 @@ offline): the Pang & Lee (2005) sentence polarity data (Rotten Tomatoes snippets
 second, genre-like attribute built from the text itself: the ASPECT a sentence talks about, from the two short
 keyword lexicons ``ASPECT_LEXICON`` (acting: the performers; story: plot, script, narrative). A sentence is kept
 when its words (lower-case letter runs, hyphens kept: "actor's" -> "actor") hit exactly one of the two lexicons;
-sentences naming both or neither are dropped. The aspect words stay in the text (as genre cues do in a review).
+sentences naming both or neither are dropped. By default the aspect words stay in the text (as genre cues do in a
+review), so the aspect is decodable from word identity alone; ``keywords="neutralise"`` replaces every lexicon word
+by the neutral word ``NEUTRAL_WORD`` after labelling, so the aspect must be inferred from the context.
 
 Correlation control: every split is drawn from disjoint pools of the four (factor A, factor B) cells so that a
 fraction ``agreement`` of its examples have label_A == label_B (0.5: independent and balanced; 0.8 / 0.2: the
@@ -150,6 +152,7 @@ ASPECT_LEXICON = {
                "portrays", "portraying", "played", "star", "stars", "starring", "co-star", "ensemble"),
 }
 ASPECT_WORDS = re.compile(r"[a-z]+(?:-[a-z]+)*")
+ASPECT_WORDS_ANY_CASE = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
 
 
 def review_aspect(text: str) -> Optional[int]:
@@ -159,10 +162,24 @@ def review_aspect(text: str) -> Optional[int]:
     return hits[0] if len(hits) == 1 else None
 
 
-def load_reviews(data_dir: Optional[str] = None, limit: Optional[int] = None) -> FactorData:
+NEUTRAL_WORD = "thing"
+REVIEW_KEYWORDS = ("keep", "neutralise")
+
+
+def neutralise_aspect_words(text: str) -> str:
+    """``text`` with every word of ASPECT_LEXICON (as ``review_aspect`` finds them: case-insensitive letter runs,
+    hyphens kept, so "Actor's" -> "thing's" and "co-star" -> "thing") replaced by ``NEUTRAL_WORD``."""
+    lexicon = {w for words in ASPECT_LEXICON.values() for w in words}
+    return ASPECT_WORDS_ANY_CASE.sub(lambda m: NEUTRAL_WORD if m.group(0).lower() in lexicon else m.group(0), text)
+
+
+def load_reviews(data_dir: Optional[str] = None, limit: Optional[int] = None, keywords: str = "keep") -> FactorData:
     """Pang & Lee sentences labelled (sentiment: 0 negative / 1 positive, aspect: 0 story / 1 acting): the offline
     stand-in for the paper's sentiment x genre reviews (see the module docstring). ``limit``: read only the first
-    N lines of each polarity file."""
+    N lines of each polarity file. ``keywords``: "keep" the lexicon words in the text, or "neutralise" them
+    (``neutralise_aspect_words``; the aspect is labelled from the original sentence first)."""
+    if keywords not in REVIEW_KEYWORDS:
+        raise ValueError(f"load_reviews: keywords must be one of {list(REVIEW_KEYWORDS)}, got {keywords!r}")
     folder = data_path("movie-reviews", "rt-polarity.pos", "rt-polarity.neg", data_dir_override=data_dir)
     texts, labels = [], []
     for sentiment, name in ((0, "rt-polarity.neg"), (1, "rt-polarity.pos")):
@@ -170,7 +187,7 @@ def load_reviews(data_dir: Optional[str] = None, limit: Optional[int] = None) ->
         for line in lines[:limit]:
             aspect = review_aspect(line)
             if aspect is not None and line.strip():
-                texts.append(line.strip())
+                texts.append(neutralise_aspect_words(line.strip()) if keywords == "neutralise" else line.strip())
                 labels.append((sentiment, aspect))
     return FactorData(texts, labels, ("sentiment", "aspect"), (("negative", "positive"), ("story", "acting")))
 
@@ -305,7 +322,7 @@ class TripletSampler:
 # --- a run's splits -----------------------------------------------------------------------------------------
 def _load_splits(config: DisentangleConfig) -> tuple:
     if config.data == "reviews":
-        data = load_reviews(config.data_dir, limit=config.data_limit)
+        data = load_reviews(config.data_dir, limit=config.data_limit, keywords=config.review_keywords)
     else:
         data = load_tweets(config.data_dir, confidence=config.dialect_confidence, limit=config.data_limit)
     data, duplicates = deduplicate(data)
@@ -320,4 +337,5 @@ def _load_splits(config: DisentangleConfig) -> tuple:
 
 
 __all__ = ["FactorData", "TwitterAAE", "twitter_aae", "tweet_tokens", "load_tweets", "ASPECT_LEXICON", "review_aspect",
-           "load_reviews", "normalised_text", "deduplicate", "cell_counts", "correlated_splits", "TripletSampler"]
+           "NEUTRAL_WORD", "REVIEW_KEYWORDS", "neutralise_aspect_words", "load_reviews", "normalised_text",
+           "deduplicate", "cell_counts", "correlated_splits", "TripletSampler"]

@@ -1,7 +1,8 @@
 """Evaluation of `fastmask run disentangle`, all on frozen features: the features of the unmasked encoder and of
 each mask per split, the leakage table (each representation probed for every factor by a logistic-regression probe,
 ``fastmask.probing.linear_probe_accuracy``), the disentanglement score (own factor - best other) and the fraction of
-a mask's zero weights."""
+a mask's zero weights. ``probe="mlp"``: the same table with MLP probes (one hidden layer, early stopping on a
+dev split held out of the probe's training split, ``fastmask.probing.classifiers.mlp_probe_accuracy``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 import fastmask as fm
 
-from ...probing import linear_probe_accuracy
+from ...probing.classifiers import linear_probe_accuracy, mlp_probe_accuracy
 from ..blocks import TopBlocks, block_inputs, block_list
 from .config import SPLITS
 from .model import DisentangleModel, _features, mean_pool
@@ -47,19 +48,42 @@ def _mask_features(model: DisentangleModel, encoded: dict, batch: int, device, s
 
 
 # --- probes -------------------------------------------------------------------------------------------------
-def leakage_table(features: dict, labels: dict, l2: float = 1e-3, train: str = "probe", test: str = "test") -> dict:
+PROBES = ("linear", "mlp")
+
+
+def leakage_table(features: dict, labels: dict, l2: float = 1e-3, train: str = "probe", test: str = "test",
+                  probe: str = "linear", seed: int = 0) -> dict:
     """{representation: [accuracy of a fresh probe for factor j]}: probes trained on split ``train``, scored on
-    ``test``. ``features[rep][split]``: (n, d) tensor; ``labels[split]``: (n, K) tensor."""
+    ``test``. ``features[rep][split]``: (n, d) tensor; ``labels[split]``: (n, K) tensor. ``probe``: "linear"
+    (logistic regression, L2 ``l2``) or "mlp" (one hidden layer; its dev split for early stopping is held out of
+    ``train``, drawn with ``seed``)."""
+    if probe not in PROBES:
+        raise ValueError(f"leakage_table: probe must be one of {list(PROBES)}, got {probe!r}")
     table = {}
     for rep, by_split in features.items():
-        table[rep] = [linear_probe_accuracy(by_split[train], labels[train][:, j], by_split[test], labels[test][:, j],
-                                            l2) for j in range(labels[train].shape[1])]
+        if probe == "linear":
+            table[rep] = [linear_probe_accuracy(by_split[train], labels[train][:, j], by_split[test],
+                                                labels[test][:, j], l2) for j in range(labels[train].shape[1])]
+        else:
+            table[rep] = [mlp_probe_accuracy(by_split[train], labels[train][:, j], by_split[test],
+                                             labels[test][:, j], seed=seed + j) for j in range(labels[train].shape[1])]
     return table
 
 
 def best_other(row: Sequence[float], k: int) -> float:
     """The largest probe accuracy of a leakage-table row on a factor other than ``k``."""
     return max(a for j, a in enumerate(row) if j != k)
+
+
+def own_minus_other(table: dict) -> dict:
+    """{representation: own-factor accuracy - the best other-factor accuracy} for the representations made for one
+    factor (``mask_k``, ``adversarial_k``, ``finetuned_k``) of a leakage table."""
+    gaps = {}
+    for rep, row in table.items():
+        if rep.startswith(("mask_", "adversarial_", "finetuned_")):
+            k = int(rep.rsplit("_", 1)[1])
+            gaps[rep] = row[k] - best_other(row, k)
+    return gaps
 
 
 def disentanglement_score(table: dict, n_factors: int) -> float:
@@ -79,4 +103,4 @@ def zero_fraction(model, mask: int) -> float:
     return zeros / total
 
 
-__all__ = ["leakage_table", "best_other", "disentanglement_score", "zero_fraction"]
+__all__ = ["PROBES", "leakage_table", "best_other", "own_minus_other", "disentanglement_score", "zero_fraction"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..runner import Run, markdown_table, pyplot, save_figure
 from .config import DisentangleConfig
-from .data import ASPECT_LEXICON
+from .data import ASPECT_LEXICON, NEUTRAL_WORD
 from .evaluate import best_other
 
 
@@ -60,12 +60,16 @@ def _data_paragraph(config: DisentangleConfig, metrics: dict) -> str:
              f"{dup['kept']}, so no text sits in two splits.")
     if config.data == "reviews":
         lexicon = "; ".join(f"{name}: {', '.join(words)}" for name, words in ASPECT_LEXICON.items())
+        keywords = ("the keywords stay in the text (the aspect is decodable from word identity)."
+                    if config.review_keywords == "keep" else
+                    f"every keyword is then replaced by the neutral word '{NEUTRAL_WORD}' (`--review-keywords "
+                    f"neutralise`), so the aspect must be inferred from the context.")
         return f"""A STAND-IN for the paper's setting 1 (sentiment x genre of movie reviews: no genre-labelled
 reviews are reachable offline), built from what is: the Pang & Lee (2005) sentence polarity data (Rotten Tomatoes
 snippets), **{factors[0]}** ({' / '.join(values[0])}) from the file a sentence is in, x **{factors[1]}**
 ({' / '.join(values[1])}), a genre-like attribute built from the text itself: the aspect the sentence talks about,
 by keyword lexicon ({lexicon}). A sentence is kept when its words hit exactly one of the two lexicons (sentences
-naming both or neither are dropped); the keywords stay in the text. {raw} labelled sentences.{dedup}"""
+naming both or neither are dropped); {keywords} {raw} labelled sentences.{dedup}"""
     return f"""The paper's setting 2 built from what is reachable offline: Davidson et al. (2017) tweets,
 **{factors[0]}** ({' / '.join(values[0])}) x **{factors[1]}** ({' / '.join(values[1])}) inferred with the TwitterAAE
 demographic model (AAE share of AAE + White proportions >= {config.dialect_confidence}; tweets in between dropped;
@@ -75,12 +79,15 @@ re-implemented predictor, whitespace tokens). {raw} labelled tweets.{dedup}"""
 def report_markdown(config: DisentangleConfig, metrics: dict) -> str:
     factors = metrics["factors"]
     header = ["representation"] + [f"probe: {f}" for f in factors] + ["own - other"]
-    leak_rows = []
-    for r, row in metrics["leakage"].items():
-        k = int(r.rsplit("_", 1)[1]) if r.startswith(("mask_", "adversarial_", "finetuned_")) else None
-        gap = "" if k is None else f"{row[k] - best_other(row, k):+.3f}"
-        leak_rows.append([r] + row + [gap])
-    leak = markdown_table(header, leak_rows, digits=3)
+    def leakage(table):
+        rows = []
+        for r, row in table.items():
+            k = int(r.rsplit("_", 1)[1]) if r.startswith(("mask_", "adversarial_", "finetuned_")) else None
+            gap = "" if k is None else f"{row[k] - best_other(row, k):+.3f}"
+            rows.append([r] + row + [gap])
+        return markdown_table(header, rows, digits=3)
+
+    leak, leak_mlp = leakage(metrics["leakage"]), leakage(metrics["leakage_mlp"])
     own_rows = []
     for r in metrics["leakage"]:
         if r.startswith(("mask_", "adversarial_", "finetuned_")):
@@ -92,10 +99,10 @@ def report_markdown(config: DisentangleConfig, metrics: dict) -> str:
                 own_rows.append([r, f, metrics["in_distribution_correlated_probe"][r][k],
                                  metrics["robustness_shifted"][r][k]])
     robust = markdown_table(["representation", "factor", "balanced test", "shifted test"], own_rows, digits=3)
-    sweep = markdown_table(["pruning sparsity", "steps", "disentanglement", "closed gates (per mask)",
-                            "zero weights: pruned or closed (per mask)"]
-                           + [f"mask_{k}: own / other" for k in range(len(factors))],
-                           [[r["prune_sparsity"], r["steps"], r["disentanglement"],
+    sweep = markdown_table(["pruning sparsity", "steps", "disentanglement (linear)", "disentanglement (MLP)",
+                            "closed gates (per mask)", "zero weights: pruned or closed (per mask)"]
+                           + [f"mask_{k}: own / other (linear)" for k in range(len(factors))],
+                           [[r["prune_sparsity"], r["steps"], r["disentanglement"], r["disentanglement_mlp"],
                              ", ".join(f"{s:.3f}" for s in r["mask_sparsity"]),
                              ", ".join(f"{s:.3f}" for s in r["zero_fraction"])]
                             + [f"{r['leakage'][k][k]:.3f} / {best_other(r['leakage'][k], k):.3f}"
@@ -119,15 +126,21 @@ examples whose two labels agree: {', '.join(f'{s} {a:.2f}' for s, a in data['agr
 
 ## Leakage (probes trained on the balanced probe split, scored on the balanced test split; chance 0.5)
 
-Each mask should predict its own factor well and the other near chance.
+Each mask should predict its own factor well and the other near chance. Linear (logistic-regression) probes:
 
 {leak}
+
+MLP probes (one hidden layer of 128, early stopping on a stratified 20% dev split of the probe split: information a
+linear probe misses may still be recoverable):
+
+{leak_mlp}
 
 `mask_k`: the encoder under mask k (factor k = {', '.join(f'{k}: {f}' for k, f in enumerate(factors))});
 `unmasked`: the original encoder; `adversarial_k`: gradient-reversal removal of the other factors over the frozen
 unmasked features, trained for factor k on the training split; `finetuned_k`: {blocks} fine-tuned for factor k
 ({config.finetune_steps} steps, cross-entropy only). Disentanglement (mean over masks of own - best other
-accuracy): **{metrics['disentanglement']:.3f}**. Mask sparsity (closed eval gates, as a fraction of the masked
+accuracy): **{metrics['disentanglement']:.3f}** with linear probes, {metrics['disentanglement_mlp']:.3f} with MLP
+probes. Mask sparsity (closed eval gates, as a fraction of the masked
 layers' weights): {', '.join(f'{s:.3f}' for s in metrics['mask_sparsity'])}.
 
 ![leakage](leakage.png)
@@ -158,6 +171,7 @@ setup {sec['setup']:.0f} s, mask training {sec['train']:.0f} s, evaluation {sec[
 - The adversarial baseline trains an MLP over frozen mean-pooled features (not a fine-tuned encoder).
 - The fine-tuned baseline trains the masked blocks only (the blocks below are frozen, as for the masks); pruning
   happens before masking only (no gradual pruning with masking).
+- One seed (`--seeds 0,1,2` runs several and reports mean and 95% CI).
 - {_setting_note(config)}; the sweep points train for `sweep_steps` ({config.sweep_steps}) steps and are
   not checkpointed (a `--resume` repeats them).
 

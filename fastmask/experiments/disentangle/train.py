@@ -1,6 +1,7 @@
 """Orchestration of `fastmask run disentangle`: run_experiment (data, the unmasked baseline, the K masks trained
 under the runner's checkpoints, data parallel under torchrun, the evaluation against the baselines, the pruning
-sweep, the results folder), the sweep's training loop, and the command line (add_arguments, run_from_args)."""
+sweep, the results folder; with ``seeds``, once per seed through ``seeds.run_seeds``), the sweep's training loop,
+and the command line (add_arguments, run_from_args)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from ..runner import (BatchStream, ConfigError, TrainState, add_config_arguments
                       seed_everything, weights_key)
 from .config import EXPERIMENT, SPLITS, DisentangleConfig
 from .data import TripletSampler, _load_splits
-from .evaluate import _mask_features, _unmasked_features, disentanglement_score, leakage_table, zero_fraction
+from .evaluate import (_mask_features, _unmasked_features, disentanglement_score, leakage_table, own_minus_other,
+                       zero_fraction)
 from .model import (StepLoss, _load_encoder, _masked_model, _optimizer, adversarial_features, finetuned_features,
                     step_loss)
 from .report import _plots, report_markdown
+from .seeds import run_seeds
 
 
 # --- the run ------------------------------------------------------------------------------------------------
@@ -36,8 +39,9 @@ def _train_plain(model, optimizer, encoded_train, labels, sampler, stream, steps
         optimizer.step()
 
 
-def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite: bool = False, log=None) -> dict:
-    """Learn the K masks, evaluate them against the baselines, run the pruning sweep, write the results folder."""
+def run_one_seed(config: DisentangleConfig, *, resume: bool = False, overwrite: bool = False, log=None) -> dict:
+    """Learn the K masks, evaluate them against the baselines, run the pruning sweep, write the results folder (one
+    seed, ``config.seed``; ``config.seeds`` is not looked at)."""
     # Data parallel under torchrun (as `fastmask run knowledge`): replicated masks and heads, DDP over a StepLoss
     # module, every rank the global batch's triplets and its share of them; rank 0 owns the folder, evaluates and
     # runs the sweep; the others stop after training.
@@ -107,6 +111,7 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
         for k in range(len(factors)):
             features[f"finetuned_{k}"] = finetuned_features(config, encoded, labels, k, n_classes, device)
     leakage = leakage_table(features, labels, config.probe_l2)
+    leakage_mlp = leakage_table(features, labels, probe="mlp", seed=config.seed)
     robust = leakage_table(features, labels, config.probe_l2, train="train", test="shifted")
     in_distribution = leakage_table(features, labels, config.probe_l2, train="train", test="test")
     sparsity = fm.sparsity(model.encoder)
@@ -115,7 +120,9 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
 
     sweep = [{"prune_sparsity": config.prune_sparsity, "steps": config.steps,
               "disentanglement": disentanglement_score(leakage, len(factors)),
+              "disentanglement_mlp": disentanglement_score(leakage_mlp, len(factors)),
               "mask_sparsity": per_mask_sparsity, "leakage": {k: leakage[f"mask_{k}"] for k in range(len(factors))},
+              "leakage_mlp": {k: leakage_mlp[f"mask_{k}"] for k in range(len(factors))},
               "zero_fraction": [zero_fraction(model.encoder, k) for k in range(len(factors))]}]
     metrics = {
         "experiment": EXPERIMENT, "model": config.model, "model_source": source,
@@ -123,8 +130,11 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
         "data": {"raw_examples": duplicates["examples"], "deduplication": duplicates,
                  "splits": {s: len(splits[s]) for s in SPLITS},
                  "agreement": {s: (labels[s][:, 0] == labels[s][:, 1]).double().mean().item() for s in SPLITS}},
-        "leakage": leakage, "robustness_shifted": robust, "in_distribution_correlated_probe": in_distribution,
+        "seed": config.seed, "leakage": leakage, "leakage_mlp": leakage_mlp,
+        "own_minus_other": own_minus_other(leakage), "own_minus_other_mlp": own_minus_other(leakage_mlp),
+        "robustness_shifted": robust, "in_distribution_correlated_probe": in_distribution,
         "chance": 0.5, "disentanglement": disentanglement_score(leakage, len(factors)),
+        "disentanglement_mlp": disentanglement_score(leakage_mlp, len(factors)),
         "mask_sparsity": per_mask_sparsity, "pruned_fraction": (sum(pruned.values()) / len(pruned)) if pruned else 0.0,
         "sweep": sweep, "final": history[-1] if history else {},
         "seconds": {"setup": setup_seconds, "train": train_seconds, "evaluate": eval_seconds, "sweep": 0.0},
@@ -150,14 +160,17 @@ def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite
         _train_plain(sweep_model, _optimizer(sweep_model, config), encoded["train"], labels["train"], sampler,
                      BatchStream(len(encoded["train"]), config.batch_size, config.seed), config.sweep_steps, config,
                      device, desc=f"sweep {s:g}")
-        table = leakage_table(_mask_features(sweep_model, encoded, config.eval_batch, device, ("probe", "test")),
-                              labels, config.probe_l2)
+        sweep_features = _mask_features(sweep_model, encoded, config.eval_batch, device, ("probe", "test"))
+        table = leakage_table(sweep_features, labels, config.probe_l2)
+        table_mlp = leakage_table(sweep_features, labels, probe="mlp", seed=config.seed)
         sweep.append({"prune_sparsity": s, "steps": config.sweep_steps,
                       "disentanglement": disentanglement_score(table, len(factors)),
+                      "disentanglement_mlp": disentanglement_score(table_mlp, len(factors)),
                       "mask_sparsity": [fm.sparsity(sweep_model.encoder, mask=k)["overall"]
                                         for k in range(len(factors))],
                       "zero_fraction": [zero_fraction(sweep_model.encoder, k) for k in range(len(factors))],
-                      "leakage": {k: table[f"mask_{k}"] for k in range(len(factors))}})
+                      "leakage": {k: table[f"mask_{k}"] for k in range(len(factors))},
+                      "leakage_mlp": {k: table_mlp[f"mask_{k}"] for k in range(len(factors))}})
         metrics["seconds"]["sweep"] = time.perf_counter() - sweep_started
         write_results()
 
@@ -170,8 +183,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, DisentangleConfig)
 
 
+def run_experiment(config: DisentangleConfig, *, resume: bool = False, overwrite: bool = False, log=None) -> dict:
+    """``config.seeds`` given: ``seeds.run_seeds`` (one whole run per seed in <out>/seed-<s>/, then mean and 95% CI
+    over them in <out>); else the one run of ``config.seed`` in <out> (``run_one_seed``)."""
+    if config.seeds:
+        return run_seeds(config, run_one_seed, resume=resume, overwrite=overwrite, log=log)
+    return run_one_seed(config, resume=resume, overwrite=overwrite, log=log)
+
+
 def run_from_args(args) -> int:
     return run_cli(DisentangleConfig, run_experiment, args, EXPERIMENT)
 
 
-__all__ = ["run_experiment", "add_arguments", "run_from_args"]
+__all__ = ["run_experiment", "run_one_seed", "add_arguments", "run_from_args"]

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 # Fields that may differ between a run and its resumption (they do not change any number the run computes).
-RUN_CONTROL_FIELDS = ("progress", "out", "data_dir", "checkpoint_every", "keep_checkpoints")
+# "seeds": the seed list of a multi-seed run (each seed runs in a folder of its own, so adding seeds on --resume
+# changes no finished seed's numbers).
+RUN_CONTROL_FIELDS = ("progress", "out", "data_dir", "checkpoint_every", "keep_checkpoints", "seeds")
 
 
 def help_metadata(text: str) -> dict:
@@ -98,6 +100,8 @@ def _coerce(name: str, annotation, value: Any, where: str) -> Any:
             items = value.split(",") if isinstance(value, str) else value
             if not isinstance(items, (list, tuple)):
                 raise ConfigError(f"{name} ({where}) must be a list, got {value!r}")
+            # A flag's values (nargs="+") may be comma separated too: "--seeds 0,1,2" == "--seeds 0 1 2".
+            items = [part for item in items for part in (item.split(",") if isinstance(item, str) else [item])]
             item_types = typing.get_args(inner)
             item_type = item_types[0] if item_types else Any
             converted = [item if item_type is Any else _coerce(f"{name}[{i}]", item_type, item, where)

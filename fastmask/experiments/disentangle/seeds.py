@@ -1,0 +1,142 @@
+"""`fastmask run disentangle --seeds 0,1,2`: the whole experiment once per seed (data split, masks, baselines,
+probes, pruning sweep; seed s in ``<out>/seed-<s>/``, a complete run folder of its own with its checkpoints), then the
+mean and the 95% t-interval over the seeds of every figure (``fastmask.experiments.stats``) in ``<out>/metrics.json``
+and ``<out>/report.md``, rewritten after each seed. ``--resume`` skips the seeds whose folder holds finished results
+and resumes the others from their newest checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ...assets import atomic_write_text
+from ..runner import ConfigError, config_to_dict
+from ..runner.report import _json_safe
+from ..stats import ci_above, summarize
+from .config import DisentangleConfig
+from .evaluate import best_other
+from .seed_report import seed_plots, seeds_report_markdown
+
+# The per-seed figures summarised over the seeds (keys of a single run's metrics.json).
+SUMMARISED = ("leakage", "leakage_mlp", "own_minus_other", "own_minus_other_mlp", "disentanglement",
+              "disentanglement_mlp", "robustness_shifted", "in_distribution_correlated_probe", "mask_sparsity")
+
+
+def seed_folder(out, seed: int) -> Path:
+    return Path(out) / f"seed-{seed}"
+
+
+def seed_config(config: DisentangleConfig, seed: int) -> DisentangleConfig:
+    """The one-seed config of ``seed`` within a multi-seed run: its own folder, no ``seeds``."""
+    return dataclasses.replace(config, seeds=[], seed=seed, out=str(seed_folder(config.out, seed)))
+
+
+def _finished(config: DisentangleConfig, folder: Path):
+    """The metrics of a seed folder whose run finished (main evaluation and every sweep point), else None."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    points = len({config.prune_sparsity, *config.sweep_sparsities})
+    if metrics.get("seed") != config.seed or len(metrics.get("sweep", [])) != points:
+        return None
+    return metrics
+
+
+def _sweep_summary(per_seed: list) -> list:
+    """Per pruning sparsity done in every seed: the summaries of its disentanglement (linear and MLP probes), zero
+    fraction, closed gates and each mask's own / best-other accuracy."""
+    common = set.intersection(*({r["prune_sparsity"] for r in m["sweep"]} for m in per_seed))
+    rows = []
+    for s in sorted(common):
+        points = [next(r for r in m["sweep"] if r["prune_sparsity"] == s) for m in per_seed]
+        figures = []
+        for r in points:
+            n = len(r["zero_fraction"])
+            fig = {"disentanglement": r["disentanglement"], "disentanglement_mlp": r["disentanglement_mlp"],
+                   "zero_fraction": r["zero_fraction"], "mean_zero_fraction": sum(r["zero_fraction"]) / n,
+                   "mask_sparsity": r["mask_sparsity"]}
+            for probe in ("", "_mlp"):
+                rows_k = [r[f"leakage{probe}"][str(k)] for k in range(n)]
+                fig[f"own{probe}"] = [row[k] for k, row in enumerate(rows_k)]
+                fig[f"other{probe}"] = [best_other(row, k) for k, row in enumerate(rows_k)]
+            figures.append(fig)
+        rows.append({"prune_sparsity": s, "steps": points[0]["steps"], **summarize(figures)})
+    return rows
+
+
+def aggregate(per_seed: list, seeds: list) -> dict:
+    """The multi-seed metrics: each figure of ``SUMMARISED`` and of the sweep as a ``stats.mean_ci`` summary over
+    the seeds, the verdict per mask (is the whole 95% interval of own - other above 0?), and the per-seed values."""
+    per_seed = [json.loads(json.dumps(_json_safe(m))) for m in per_seed]  # one form: JSON keys (strings)
+    first = per_seed[0]
+    summary = {key: summarize([m[key] for m in per_seed], path=key) for key in SUMMARISED}
+    masks = [rep for rep in first["own_minus_other"] if rep.startswith("mask_")]
+    verdict = {rep: {probe: ci_above(summary[f"own_minus_other{suffix}"][rep])
+                     for probe, suffix in (("linear", ""), ("mlp", "_mlp"))} for rep in masks}
+    seconds = [sum(m["seconds"].values()) for m in per_seed]
+    return {
+        "experiment": first["experiment"], "seeds": list(seeds), "n_seeds": len(per_seed), "confidence": 0.95,
+        "interval": "mean ± t_{0.975, n-1} * sample std / sqrt(n) over seeds", "model": first["model"],
+        "model_source": first["model_source"], "factors": first["factors"], "values": first["values"],
+        "data": {"per_seed_splits": [m["data"]["splits"] for m in per_seed],
+                 "deduplication": first["data"]["deduplication"], "raw_examples": first["data"]["raw_examples"]},
+        "chance": first["chance"], **summary, "sweep": _sweep_summary(per_seed),
+        "own_minus_other_ci_above_0": verdict,
+        "per_seed": [{"seed": m["seed"], "disentanglement": m["disentanglement"],
+                      "disentanglement_mlp": m["disentanglement_mlp"], "own_minus_other": m["own_minus_other"],
+                      "own_minus_other_mlp": m["own_minus_other_mlp"], "seconds": m["seconds"],
+                      "total_seconds": t} for m, t in zip(per_seed, seconds)],
+        "seconds": {"total": sum(seconds), "per_seed": seconds}, "hardware": first["hardware"],
+    }
+
+
+def run_seeds(config: DisentangleConfig, run_one: Callable, *, resume: bool = False, overwrite: bool = False,
+              log=None) -> dict:
+    """Run ``run_one(seed_config(config, s), resume=, overwrite=, log=)`` for each of ``config.seeds`` (finished
+    seeds skipped under ``resume``) and write the summary over the seeds done so far after each. Returns the
+    aggregated metrics ({} in the non-main processes of a data-parallel run)."""
+    if not config.seeds:
+        raise ConfigError("seeds must hold at least one seed for a multi-seed run, got []")
+    out = Path(config.out)
+    holds = (out / "metrics.json").exists() or any(p.is_dir() for p in out.glob("seed-*"))
+    if holds and not resume:
+        if not overwrite:
+            raise ConfigError(f"out: {out} already holds a run (seed folders or results); pass --resume to continue "
+                              f"it, --overwrite to replace it, or another --out")
+        for path in out.glob("seed-*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for path in out.glob("*"):
+            if path.is_file():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(config_to_dict(config), indent=2) + "\n")
+    done, main = [], True
+    for seed in config.seeds:
+        one = seed_config(config, seed)
+        metrics = _finished(one, Path(one.out)) if resume else None
+        if metrics is not None:
+            (log or print)(f"fastmask: seed {seed}: finished results in {one.out}, not rerun")
+        else:
+            metrics = run_one(one, resume=resume, overwrite=overwrite, log=log)
+        if not metrics:  # a non-main process of a data-parallel run: rank 0 writes the results
+            main = False
+            continue
+        done.append(metrics)
+        summary = aggregate(done, [m["seed"] for m in done])
+        atomic_write_text(out / "metrics.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+        seed_plots(out, summary)
+        atomic_write_text(out / "report.md", seeds_report_markdown(config, summary))
+    if not main:
+        return {}
+    print(f"fastmask: report over {len(done)} seeds: {(out / 'report.md').resolve()}")
+    return summary
+
+
+__all__ = ["run_seeds", "aggregate", "seed_config", "seed_folder", "SUMMARISED"]
