@@ -17,7 +17,7 @@ import fastmask as fm
 from fastmask import assets
 from fastmask.experiments import knowledge as kn
 from fastmask.experiments.blocks import block_index, top_blocks
-from fastmask.experiments.knowledge import data as kd, model as km, train as kt, wordnet as kw
+from fastmask.experiments.knowledge import data as kd, model as km, scoring as ks, train as kt, wordnet as kw
 from fastmask.experiments import runner
 
 from conftest import SHARED_DATA
@@ -167,6 +167,123 @@ def test_each_loss_term_against_a_hand_computation(gpt2_tokenizer):
     assert terms["suppression"].requires_grad and terms["lm_kl"].requires_grad
 
 
+def test_released_objective_position_reads_the_tail_tokens_own_logits(gpt2_tokenizer):
+    """--objective-position released: the loss terms read the logits at each scored tail token's own position (the
+    distribution of the token after it), checked against the plain model; shifted (the default) is the position
+    before; the evaluation's gold tokens and their predicting positions are the same either way."""
+    model = _tiny("gpt2")
+    path, _, first, names = top_blocks(model, 2, "top_k_layers")
+    top = km.TopBlocks(model, first, path)
+    shifted, released = _encoded(gpt2_tokenizer, "last"), kd.encode(
+        gpt2_tokenizer, [s for s, _ in SENTENCES], [t for _, t in SENTENCES], "last", gpt2_tokenizer.eos_token_id,
+        "released")
+    for data in (shifted, released):
+        data.h0 = top.inputs(data.input_ids, data.attention_mask)
+        data.full_hidden = km.final_hidden(top, data.input_ids, data.attention_mask, data.h0, batch_size=2)
+    last = released.attention_mask.sum(1) - 1
+    assert released.batch(range(3), objective=True)[4].tolist() == last.tolist()  # the tail's own (last) position
+    assert released.batch(range(3))[4].tolist() == (last - 1).tolist()  # evaluation: the position before
+    assert shifted.batch(range(3), objective=True)[4].tolist() == (last - 1).tolist()
+    assert torch.equal(released.batch(range(3))[5], shifted.batch(range(3))[5])
+    lm = torch.tensor(gpt2_tokenizer(" The cat sat on the mat.")["input_ids"])[None]
+    lm_h0 = top.inputs(lm, torch.ones_like(lm))
+    lm_full_hidden = km.final_hidden(top, lm, torch.ones_like(lm), lm_h0, batch_size=1)
+    fm.apply(model, fm.MaskConfig(estimator="gumbel_sigmoid_st", init_logit=0.0, targets=[n + "$" for n in names],
+                                  seed=2))
+    for layer in fm.masked_modules(model).values():
+        layer.train()
+    fm.set_step(model, 3)
+
+    def terms(data):
+        return km.loss_terms(model, top, data.batch(range(3), objective=True), data.batch([1, 2], objective=True),
+                             lm, lm_h0, lm_full_hidden)
+
+    def probabilities(remaining):
+        with torch.no_grad(), (fm.inverse(model) if remaining else fm.bypass(model)):
+            logits = model(input_ids=released.input_ids, attention_mask=released.attention_mask).logits.double()
+        return torch.softmax(logits, dim=-1)
+
+    p, q = probabilities(True), probabilities(False)
+    for data, cols in ((released, last), (shifted, last - 1)):
+        got = terms(data)
+        at = p[torch.arange(3), cols]
+        assert got["suppression"].item() == pytest.approx(
+            (-math.log(at.shape[-1]) - at.log().mean(-1)).mean().item(), rel=1e-3)
+        rows = torch.tensor([1, 2])
+        pc, qc = p[rows, cols[rows]], q[rows, cols[rows]]
+        assert got["control_kl"].item() == pytest.approx((qc * (qc.log() - pc.log())).sum(-1).mean().item(), rel=1e-3)
+    assert terms(released)["suppression"].item() != pytest.approx(terms(shifted)["suppression"].item(), rel=1e-3)
+    with pytest.raises(ValueError, match=r"objective \(--objective-position\) must be one of"):
+        kd.encode(gpt2_tokenizer, ["A house is a building"], ["building"], "last", 0, "own")
+    for argv, want in (([], "shifted"), (["--objective-position", "released"], "released")):
+        config = runner.config_from_args(kn.KnowledgeConfig, _parser().parse_args(argv), "knowledge")
+        assert config.objective_position == want
+
+
+# --- template choice: prefix-shared scoring -------------------------------------------------------------------
+def test_prefix_trees_hold_every_distinct_prefix_once():
+    sequences = [[5, 1, 2], [5, 1, 3], [5, 1], [7], [5, 4, 2, 9], [5, 1, 3], [7, 1]]
+    rows = ks.pack_prefix_trees(sequences, row_tokens=6)
+    assert all(len(row.tokens) <= 6 for row in rows) and len(rows) == 2
+    seen = {}
+    for row in rows:
+        prefixes = {tuple(row.tokens[n] for n in path) for path in row.ancestors}
+        assert len(prefixes) == len(row.tokens)  # one node per distinct prefix of the row
+        for node, path in enumerate(row.ancestors):
+            assert path[-1] == node and row.depth[node] == len(path) - 1
+        for index, path in row.members:
+            seen[index] = [row.tokens[n] for n in path]
+    assert seen == dict(enumerate(sequences))  # every sentence once, its tokens along its path
+    # sorted: 5,1 / 5,1,2 / 5,1,3 (twice) in row 1 (4 nodes); 5,4,2,9 (4 more would make 8 > 6) / 7 / 7,1 in row 2
+    assert [len(row.tokens) for row in rows] == [4, 6]
+    assert len(ks.pack_prefix_trees([[1] * 9], row_tokens=4)[0].tokens) == 9  # a longer sentence gets its own row
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_template_scores_equal_one_sentence_at_a_time(arch, gpt2_tokenizer, monkeypatch):
+    """The prefix-shared packed forward gives every sentence the mean NLL of its tokens after the first that the
+    model gives it alone (no padding, no packing), in rows small enough that several batches and rows are used."""
+    model = _tiny(arch)
+    examples = [kd.fixed_example(kd.Triplet(h, t)) for h, t in (("house.n.12", "building.n.01"),
+                                                                ("bathhouse.n.02", "guildhall.n.01"),
+                                                                ("apple.n.01", "edible_fruit.n.01"))]
+    sentences = [c for e in examples for c in e.candidates]
+    monkeypatch.setattr(ks, "ROW_TOKENS", 40)
+    assert ks.packs_prefixes(model)
+    packed = ks.sentence_nll(model, gpt2_tokenizer, sentences, 0, 4, "cpu", packed=True)
+    padded = ks.sentence_nll(model, gpt2_tokenizer, sentences, 0, 4, "cpu", packed=False)
+    for sentence in sentences:
+        ids = torch.tensor(ks.token_ids(gpt2_tokenizer, sentence))[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+        alone = -logp.gather(-1, ids[0, 1:, None]).mean().item()
+        assert packed[sentence] == pytest.approx(alone, abs=1e-4), sentence
+        assert padded[sentence] == pytest.approx(alone, abs=1e-4), sentence
+    assert len({round(v, 3) for v in packed.values()}) > len(sentences) // 2  # not a constant
+
+
+def test_template_scores_are_cached_by_sentence(gpt2_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMASK_CACHE", str(tmp_path))
+    model = _tiny("llama")
+    sentences = kd.fixed_example(kd.Triplet("house.n.12", "building.n.01")).candidates
+    first = ks.sentence_nll(model, gpt2_tokenizer, sentences[:10], 0, 8, "cpu", cache_key="tiny")
+    assert set(runner.cache.read_json("template-nll", "tiny")) == set(sentences[:10])
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a cached sentence went through the model again")
+
+    handle = model.model.register_forward_pre_hook(no_forward)
+    assert ks.sentence_nll(model, gpt2_tokenizer, sentences[:10], 0, 8, "cpu", cache_key="tiny") == first
+    with pytest.raises(AssertionError, match="went through the model again"):  # a new sentence does run
+        ks.sentence_nll(model, gpt2_tokenizer, sentences[:11], 0, 8, "cpu", cache_key="tiny")
+    handle.remove()
+    both = ks.sentence_nll(model, gpt2_tokenizer, sentences, 0, 8, "cpu", cache_key="tiny")
+    assert {s: both[s] for s in sentences[:10]} == first and len(runner.cache.read_json("template-nll", "tiny")) == 22
+    with pytest.raises(ValueError, match="packed=True needs a model of type"):
+        model.config.model_type = "bloom"
+        ks.sentence_nll(model, gpt2_tokenizer, sentences[10:], 0, 8, "cpu", packed=True)
+
+
 def test_random_subnetwork_has_the_same_size_per_layer():
     model = _tiny("gpt2")
     fm.apply(model, fm.MaskConfig(estimator="gumbel_sigmoid_st", seed=0))
@@ -211,6 +328,16 @@ def test_released_sets_and_templates():
     with pytest.raises(kd.DataError, match="released TargetKGs are"):
         kd.paper_targetkg("fruit.n.01", None, SHARED_DATA)
     assert kd.paper_model_key("openai-community/gpt2-xl") == "gpt2-xl" and kd.paper_model_key("smollm2-135m") is None
+    # the paraphrase test's sentences: every other released template of each TargetKG triplet
+    building = kd.paper_targetkg("building.n.01", None, SHARED_DATA)
+    kd.choose_templates(building, "lowest-ppl", lambda sentences: {s: len(s) for s in sentences})
+    sentences, tails = kd.paraphrases(building)
+    worse = json.loads((SHARED_DATA / "know-subnet/wordnet/targetkg/building.n.01_worse_format.json").read_text())
+    chosen = {e.sentence for e in building}
+    assert set(sentences) == {r["best_gpt2_input"] for r in worse} - chosen | \
+        {c for e in building for c in e.candidates} - chosen  # the worse-format file and the other models' choices
+    assert len(sentences) == sum(len(e.candidates) for e in building) - len(building) > 150
+    assert not chosen & set(sentences) and all(s.endswith(t) for s, t in zip(sentences, tails))
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +414,7 @@ def test_cli_end_to_end_on_a_tiny_gpt2(cli_run, tiny_gpt2_dir):
     assert metrics["data"]["targetkg"] == 11 and metrics["data"]["controlkg_eval"] == 6
     assert metrics["masked_layers"] == 8 and metrics["masked_blocks"] == [1, 2]
     summary = metrics["summary"]
-    for name in ("targetkg", "controlkg", "controlkg_train", "lm"):
+    for name in ("targetkg", "targetkg_paraphrase", "controlkg", "controlkg_train", "lm"):
         assert summary[name]["ppl_full"] > 1 and math.isfinite(summary[name]["ppl_remaining"])
         assert summary[name]["delta_ppl"] == pytest.approx(summary[name]["ppl_remaining"] - summary[name]["ppl_full"])
     assert 0 <= metrics["sparsity"]["overall"] <= 1 and set(metrics["sparsity"]["attention_vs_mlp"]) == \
@@ -301,6 +428,12 @@ def test_cli_end_to_end_on_a_tiny_gpt2(cli_run, tiny_gpt2_dir):
     report = (out / "report.md").read_text()
     assert "predicted from the position before it" in report and "| TargetKG |" in report
     assert "| ControlKG (training triplets) |" in report and "dPPL remaining" in report
+    data_rows = json.loads((out / "data.json").read_text())["targetkg"]
+    n_paraphrases = sum(len(r["candidates"]) - (r["sentence"] in r["candidates"]) for r in data_rows)
+    assert metrics["data"]["targetkg_paraphrase"] == n_paraphrases > 150  # 11 triplets' other templates
+    assert metrics["scores"]["full"]["targetkg_paraphrase"]["tokens"] >= n_paraphrases
+    assert summary["targetkg_paraphrase"]["ppl_full"] != pytest.approx(summary["targetkg"]["ppl_full"])
+    assert "| TargetKG, other templates (paraphrases) |" in report and "Paraphrase test: the " in report
     # the saved masks load back onto a fresh copy of the base model
     from transformers import AutoModelForCausalLM
 

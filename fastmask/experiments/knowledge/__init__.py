@@ -15,12 +15,14 @@ language modelling (WikiText-2):
   linear warm-up over the first 10% of steps. One mask sample per step, shared by the three terms.
 * Deviation from the released code (documented in every report): that code reads the KL terms at the tail token's
   own position, i.e. from the distribution that predicts the token AFTER the tail; fastmask reads the distribution
-  that predicts each tail token, from the position before it (a causal LM's prediction of the tail). The released
-  code scores only the last tail token; ``tail_tokens="all"`` (default) scores every token of the tail word,
-  ``"last"`` only the last one.
+  that predicts each tail token, from the position before it (a causal LM's prediction of the tail, which is what
+  the evaluation scores); ``objective_position="released"`` replays the released reading. The released code scores
+  only the last tail token; ``tail_tokens="all"`` (default) scores every token of the tail word, ``"last"`` only the
+  last one.
 * Evaluation: perplexity of the tail tokens (TargetKG, held-out ControlKG) and of held-out WikiText-2 blocks under the
   full model, the remaining model and the remaining model of a RANDOM subnetwork with the same number of weights per
-  layer; gold-token rank and log-probability deltas; sparsity overall, per layer and attention vs MLP.
+  layer, and the paraphrase test (the TargetKG triplets' other templates, never trained on); gold-token rank and
+  log-probability deltas; sparsity overall, per layer and attention vs MLP.
 
 Speed: the blocks below the masked ones are frozen and unmasked, so their output on the fixed data sets is computed
 once (and cached on disk, ``fastmask.experiments.blocks``); each step then runs only the top blocks (``TopBlocks``),
@@ -28,7 +30,8 @@ and the LM head only at the scored positions (all positions for LM text). On a G
 kernels of the active fastmask backend.
 
 Modules: ``config`` (KnowledgeConfig), ``data`` and ``wordnet`` (knowledge graphs, sentences, LM text, tokenised
-data), ``model`` (loading, loss terms), ``evaluate``, ``train`` (run_experiment, the command line), ``report``.
+data), ``scoring`` (token ids, the template perplexities: prefix-shared packed forwards, cached by sentence),
+``model`` (loading, loss terms), ``evaluate``, ``train`` (run_experiment, the command line), ``report``.
 """
 
 from .config import EXPERIMENT, KnowledgeConfig

@@ -42,6 +42,10 @@ class KnowledgeConfig(RunConfig):
         "models), fixed (the first template); auto: released for gpt2* models, else lowest-ppl"))
     tail_tokens: Literal["all", "last"] = field(default="all", metadata=help_metadata(
         "scored tokens of the tail word: all of them or only the last (the released code)"))
+    objective_position: Literal["shifted", "released"] = field(default="shifted", metadata=help_metadata(
+        "where the training loss reads the logits of a scored tail token: shifted, at the position before it (the "
+        "distribution that predicts it, as evaluated); released, at the token's own position (the released code: "
+        "the distribution of the token after it)"))
     lm_source: Literal["auto", "local", "hub"] = field(default="auto", metadata=help_metadata(
         "WikiText-2: local shared data folder or the hub (wikitext-2-raw-v1); auto: local when present"))
     lm_block_size: int = field(default=64, metadata=help_metadata("tokens per WikiText-2 block"))

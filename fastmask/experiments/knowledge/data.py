@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ... import assets
 from ..blocks import EncodedTexts
-from ..runner import cache as runner_cache
+from .scoring import sentence_nll, token_ids
 
 RELATIONS = ("is", "is a kind of", "is a sort of", "is a type of", "is a hyponym of")
 PAPER_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # the released per-model template choices
+OBJECTIVE_POSITIONS = ("shifted", "released")  # where the training loss reads a tail token's logits
 
 
 class DataError(ValueError):
@@ -229,23 +229,33 @@ def examples_from_json(rows: Sequence[dict]) -> list[Example]:
 class ScoredSentences(EncodedTexts):
     """Right-padded sentences (``EncodedTexts``: token ids, cached input of the first masked block) with their scored
     tail tokens. Token ``gold[i]`` sits at position ``cols[i] + 1`` of sentence ``rows[i]`` and is predicted by the
-    logits at position ``cols[i]``."""
+    logits at position ``cols[i]``. ``objective``: where the training loss reads a scored token's logits, "shifted"
+    (at ``cols``, the distribution that predicts it: what the evaluation scores) or "released" (at ``cols + 1``, the
+    token's own position, as the released code does: the distribution of the token after it)."""
 
     rows: object
     cols: object
     gold: object
     first_token: object  # True for the first scored token of each sentence (gold rank is taken there)
     full_hidden: object = None  # final hidden states of the unmasked model, (N, T, H): the maintenance reference
+    objective: str = "shifted"
 
-    def batch(self, indices: Sequence[int], device=None):
+    def __post_init__(self):
+        if self.objective not in OBJECTIVE_POSITIONS:
+            raise ValueError(f"objective (--objective-position) must be one of {list(OBJECTIVE_POSITIONS)}, got "
+                             f"{self.objective!r}")
+
+    def batch(self, indices: Sequence[int], device=None, objective: bool = False):
         """(input_ids, attention_mask, h0, rows, cols, gold, first_token, full_hidden) of the sentences
-        ``indices``, trimmed to their longest sentence; rows renumbered within the batch."""
+        ``indices``, trimmed to their longest sentence; rows renumbered within the batch. ``objective``: cols are
+        the positions the training loss reads (``self.objective``), else those that predict the gold tokens."""
         ids, mask, h0 = super().batch(indices, device)
         index = torch.as_tensor(list(indices), dtype=torch.long)
         position = torch.full((len(self),), -1, dtype=torch.long)
         position[index] = torch.arange(len(index))
         keep = position[self.rows] >= 0
-        return (ids, mask, h0, position[self.rows[keep]], self.cols[keep], self.gold[keep], self.first_token[keep],
+        cols = self.cols[keep] + (1 if objective and self.objective == "released" else 0)
+        return (ids, mask, h0, position[self.rows[keep]], cols, self.gold[keep], self.first_token[keep],
                 None if self.full_hidden is None else self.full_hidden[index, :ids.shape[1]])
 
 
@@ -253,24 +263,17 @@ def tail_positions(tokenizer, sentence: str, tail_text: str, scope: str) -> tupl
     """(token ids of the sentence, positions of its scored tail tokens)."""
     if not sentence.endswith(tail_text):
         raise ValueError(f"sentence {sentence!r} does not end with its tail {tail_text!r}")
-    ids = _ids(tokenizer, sentence)
-    prefix_ids = _ids(tokenizer, sentence[:len(sentence) - len(tail_text)].rstrip(" "))
+    ids = token_ids(tokenizer, sentence)
+    prefix_ids = token_ids(tokenizer, sentence[:len(sentence) - len(tail_text)].rstrip(" "))
     if scope == "all" and 0 < len(prefix_ids) < len(ids) and ids[:len(prefix_ids)] == prefix_ids:
         return ids, list(range(len(prefix_ids), len(ids)))
     return ids, [len(ids) - 1]  # the tail's last token (also when the tokenizer merges across the boundary)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` with the tokenizer's leading special tokens (BOS) but no trailing EOS."""
-    ids = list(tokenizer(text)["input_ids"])
-    eos = tokenizer.eos_token_id
-    if len(ids) > 1 and eos is not None and ids[-1] == eos and ids[0] != eos:
-        ids = ids[:-1]
-    return ids
-
-
-def encode(tokenizer, sentences: Sequence[str], tail_texts: Sequence[str], scope: str,
-           pad_id: int) -> ScoredSentences:
+def encode(tokenizer, sentences: Sequence[str], tail_texts: Sequence[str], scope: str, pad_id: int,
+           objective: str = "shifted") -> ScoredSentences:
+    """The sentences tokenised and right-padded with ``pad_id``, their tail tokens scored (``scope`` "all" or
+    "last", ``tail_positions``), the training loss reading them at ``objective`` ("shifted" or "released")."""
     encoded = [tail_positions(tokenizer, s, t, scope) for s, t in zip(sentences, tail_texts)]
     length = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
@@ -282,37 +285,22 @@ def encode(tokenizer, sentences: Sequence[str], tail_texts: Sequence[str], scope
         for j, p in enumerate(positions):
             rows.append(i), cols.append(p - 1), gold.append(ids[p]), first.append(j == 0)
     return ScoredSentences(input_ids, attention, rows=torch.tensor(rows), cols=torch.tensor(cols),
-                           gold=torch.tensor(gold), first_token=torch.tensor(first))
+                           gold=torch.tensor(gold), first_token=torch.tensor(first), objective=objective)
+
+
+def paraphrases(examples: Sequence[Example]) -> tuple[list[str], list[str]]:
+    """(sentences, their tail texts): every other template of each example, i.e. its candidates but the sentence
+    it uses (for the released TargetKGs: the released "worse format" sentences and the other models' choices), in
+    order; the paraphrase test scores the remaining model on them."""
+    sentences, tails = [], []
+    for example in examples:
+        for candidate in example.candidates:
+            if candidate != example.sentence and candidate.endswith(example.tail_text):
+                sentences.append(candidate), tails.append(example.tail_text)
+    return sentences, tails
 
 
 # --- template choice ------------------------------------------------------------------------------------------
-def sentence_nll(model, tokenizer, sentences: Sequence[str], pad_id: int, batch_size: int, device,
-                 cache_key: Optional[str] = None, progress: bool = False) -> dict[str, float]:
-    """{sentence: mean NLL of its tokens after the first} under the (unmasked) model; results are cached in
-    $FASTMASK_CACHE/template-nll/<cache_key>.json (``cache_key``: the model's ``runner.weights_key``) so a model's
-    choices are computed once per machine."""
-    cache = (runner_cache.read_json("template-nll", cache_key) if cache_key else None) or {}
-    todo = sorted({s for s in sentences if s not in cache}, key=len)
-    for number, start in enumerate(tqdm(range(0, len(todo), batch_size), desc="template perplexity",
-                                        disable=not progress or not todo, leave=False)):
-        chunk = todo[start:start + batch_size]
-        ids = [_ids(tokenizer, s) for s in chunk]
-        length = max(len(i) for i in ids)
-        batch = torch.full((len(ids), length), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(batch)
-        for r, row in enumerate(ids):
-            batch[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
-        with torch.no_grad():
-            logits = model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch[:, 1:, None].to(device))[..., 0]
-        valid = mask[:, 1:].to(device).float()
-        nll = (-(logp * valid).sum(1) / valid.sum(1).clamp(min=1)).tolist()
-        cache.update(zip(chunk, nll))
-        if cache_key and (number % 16 == 15 or start + batch_size >= len(todo)):  # progress survives a kill
-            runner_cache.write_json("template-nll", cache_key, cache)
-    return {s: cache[s] for s in sentences}
-
-
 def choose_templates(examples, rule: str, nll_of) -> None:
     """Set each example's sentence: "lowest-ppl" picks the candidate of lowest NLL (``nll_of(sentences)``)."""
     if rule != "lowest-ppl":
@@ -337,4 +325,5 @@ class Prepared:
 __all__ = ["DataError", "Triplet", "Example", "RELATIONS", "PAPER_MODELS", "PAPER_TARGETS", "synset_text", "article",
            "candidate_sentences", "fixed_example", "sample", "paper_targetkg", "paper_controlkg_val", "paper_model_key",
            "detokenize_wikitext", "wikitext_text", "lm_blocks", "examples_to_json", "examples_from_json",
-           "ScoredSentences", "encode", "tail_positions", "sentence_nll", "choose_templates", "Prepared"]
+           "OBJECTIVE_POSITIONS", "ScoredSentences", "encode", "tail_positions", "paraphrases", "sentence_nll",
+           "choose_templates", "Prepared"]

@@ -24,15 +24,15 @@ def _plots(run: Run, history, summary, sparsity) -> None:
     ax.set_ylabel("fraction of weights in the subnetwork")
     ax.set_title(f"subnetwork size per block (overall {1 - sparsity['overall']:.2%} kept)")
     save_figure(fig, run.path("sparsity_per_block.png"))
-    names = [n for n in ("targetkg", "controlkg", "lm") if n in summary]
+    names = [n for n in ("targetkg", "targetkg_paraphrase", "controlkg", "lm") if n in summary]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.27
     for i, (key, label) in enumerate((("ppl_full", "full model"), ("ppl_remaining", "remaining (learned removed)"),
                                       ("ppl_random", "remaining (random removed)"))):
         ax.bar([j + (i - 1) * width for j in range(len(names))], [summary[n].get(key, float("nan")) for n in names],
                width, label=label)
-    ax.set_xticks(range(len(names)), [{"targetkg": "TargetKG", "controlkg": "ControlKG", "lm": "WikiText-2"}[n]
-                                      for n in names])
+    ax.set_xticks(range(len(names)), [{"targetkg": "TargetKG", "targetkg_paraphrase": "TargetKG\nparaphrases",
+                                       "controlkg": "ControlKG", "lm": "WikiText-2"}[n] for n in names])
     ax.set_yscale("log")
     ax.set_ylabel("perplexity")
     ax.legend(fontsize=8)
@@ -42,16 +42,17 @@ def _plots(run: Run, history, summary, sparsity) -> None:
 
 def report_markdown(config: KnowledgeConfig, metrics: dict, prepared: Prepared) -> str:
     s, sp, data, timing = metrics["summary"], metrics["sparsity"], metrics["data"], metrics["timing"]
-    label = {"targetkg": "TargetKG", "controlkg": "ControlKG (held out)",
-             "controlkg_train": "ControlKG (training triplets)", "lm": "WikiText-2 (held out)"}
-    shown = [n for n in ("targetkg", "controlkg", "controlkg_train", "lm") if n in s]
+    label = {"targetkg": "TargetKG", "targetkg_paraphrase": "TargetKG, other templates (paraphrases)",
+             "controlkg": "ControlKG (held out)", "controlkg_train": "ControlKG (training triplets)",
+             "lm": "WikiText-2 (held out)"}
+    shown = [n for n in ("targetkg", "targetkg_paraphrase", "controlkg", "controlkg_train", "lm") if n in s]
     # dPPL = remaining - full is the paper's metric; the ratios read across sets of very different perplexity
     rows = [(label[n], s[n]["ppl_full"], s[n]["ppl_remaining"], s[n].get("ppl_random", float("nan")),
              s[n]["delta_ppl"], s[n].get("delta_ppl_random", float("nan")),
              s[n]["ppl_ratio"], s[n].get("ppl_ratio_random", float("nan"))) for n in shown]
     ranks = [(label[n], s[n]["mean_rank_full"], s[n]["mean_rank_remaining"], s[n].get("mean_rank_random",
              float("nan")), s[n]["delta_logprob"], s[n].get("delta_logprob_random", float("nan")))
-             for n in ("targetkg", "controlkg")]
+             for n in ("targetkg", "targetkg_paraphrase", "controlkg") if n in s]
     first, last = metrics["masked_blocks"]
     examples = "\n".join(f"  - `{e.triplet.head} IsA {e.triplet.tail}`: \"{e.sentence.strip()}\""
                          for e in prepared.target[:8])
@@ -61,6 +62,20 @@ def report_markdown(config: KnowledgeConfig, metrics: dict, prepared: Prepared) 
                                  "delta log-prob random"], ranks)
     scored_tokens = ("The released code scores only the last tail token; here every token of the tail word is scored."
                      if config.tail_tokens == "all" else "Only the last tail token is scored, as in the released code.")
+    position = ("Deviation from the released code: it reads the KL terms at the tail token's own position (the "
+                "distribution of the token after the tail); here each tail token is predicted from the position "
+                "before it, as a causal LM predicts it (`--objective-position shifted`, the default)."
+                if config.objective_position == "shifted" else
+                "As in the released code (`--objective-position released`), the KL terms are read at the tail "
+                "token's own position, i.e. from the distribution of the token after the tail; the evaluation still "
+                "scores each tail token from the position before it.")
+    paraphrase = ""
+    if "targetkg_paraphrase" in s:
+        para, target = s["targetkg_paraphrase"], s["targetkg"]
+        paraphrase = (f"\n\nParaphrase test: the {data.get('targetkg_paraphrase', 0)} other-template sentences of the "
+                      f"TargetKG triplets (never trained on) change x{para['ppl_ratio']:.2f} in perplexity with the "
+                      f"subnetwork removed (the trained sentences: x{target['ppl_ratio']:.2f}; a random subnetwork "
+                      f"removed: x{para.get('ppl_ratio_random', float('nan')):.2f}).")
     return f"""# Knowledge-critical subnetwork: {metrics['target']} in {metrics['model']}
 
 Reimplementation of Bayazit et al., "Discovering Knowledge-Critical Subnetworks in Pretrained Language Models"
@@ -74,7 +89,7 @@ Removing the subnetwork ({sp['kept_weights']:,} of {sp['total_weights']:,} maske
 of the masked weights are not in it**) changes the perplexity of the tail tokens as follows. "random" removes a random
 subnetwork with the same number of weights in every layer.
 
-{ppl_table}
+{ppl_table}{paraphrase}
 
 Gold tail token (first token of the tail word): mean rank among the vocabulary (1 = top) and the mean change of the
 tail's log-probability (remaining - full, nats):
@@ -91,6 +106,8 @@ per block: {', '.join(f"{b}: {v:.4f}" for b, v in sp['per_block'].items())}.
 
 - TargetKG ({data['targetkg']} triplets): {prepared.sources.get('targetkg')}. Examples:
 {examples}
+- TargetKG paraphrases: {data.get('targetkg_paraphrase', 0)} sentences, every other template of the TargetKG
+  triplets (evaluation only).
 - ControlKG: training {data['controlkg_train']} triplets ({prepared.sources.get('controlkg_train')}); evaluation
   {data['controlkg_eval']} held-out triplets ({prepared.sources.get('controlkg_eval')}).
 - Sentences: {prepared.sources.get('template')}. Scored tokens: {config.tail_tokens} tokens of the tail word.
@@ -109,8 +126,7 @@ Adam, lr {config.lr} with {config.warmup_frac:.0%} linear warm-up, {config.steps
 {config.targetkg_batch or "all"} TargetKG sentences, {config.controlkg_batch} ControlKG sentences and
 {config.lm_batch} LM blocks, one mask sample shared by the three terms; seed {config.seed}.
 
-Deviation from the released code: it reads the KL terms at the tail token's own position (the distribution of the
-token after the tail); here each tail token is predicted from the position before it, as a causal LM predicts it.
+{position}
 {scored_tokens}
 The paper trains for 40,000 steps with batches of 250 sentences from logits at logit(0.45); this run's budget is
 {config.steps} steps from logit({config.init_keep}) (at a few hundred steps, logit(0.45) leaves the per-weight logits

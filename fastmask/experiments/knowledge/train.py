@@ -188,7 +188,12 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     for key, examples in (("targetkg", prepared.target), ("controlkg_train", prepared.control_train),
                           ("controlkg", prepared.control_eval)):
         sets[key] = encode(tokenizer, [e.sentence for e in examples], [e.tail_text for e in examples],
-                           config.tail_tokens, pad_id)
+                           config.tail_tokens, pad_id, config.objective_position)
+    # The paraphrase test: the TargetKG's other templates, never trained on, scored at the end.
+    paraphrase_sentences, paraphrase_tails = kd.paraphrases(prepared.target)
+    if paraphrase_sentences:
+        sets["targetkg_paraphrase"] = encode(tokenizer, paraphrase_sentences, paraphrase_tails, config.tail_tokens,
+                                             pad_id)
     # Inputs of the first masked block: the lower blocks never change, so they run once (and are cached on disk).
     for data in sets.values():
         data.h0 = block_inputs(top, data.input_ids, data.attention_mask, config.eval_batch, device, cache_key)
@@ -234,8 +239,8 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
             group["lr"] = config.lr * lr_factor(step, config.steps, config.warmup_frac)
         fm.set_step(model, step)  # one sampled subnetwork per step, shared by the three terms
         # The global batches (the same on every rank), then this rank's share of each.
-        target_batch = target_data.batch(streams["targetkg"].next()[rank::world])
-        control_batch = control_data.batch(streams["controlkg"].next()[rank::world])
+        target_batch = target_data.batch(streams["targetkg"].next()[rank::world], objective=True)
+        control_batch = control_data.batch(streams["controlkg"].next()[rank::world], objective=True)
         lm_index = torch.as_tensor(streams["lm"].next()[rank::world], device=device)
         terms = step_loss(target_batch, control_batch, lm_train[lm_index], lm_train_h0[lm_index],
                           lm_train_full_hidden[lm_index])
@@ -286,9 +291,12 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
         return {}
 
     eval_started = time.perf_counter()
-    # The ControlKG training triplets too: the paper's over- vs under-training check (held out vs seen).
-    results = evaluate(model, top, {**eval_sets, "controlkg_train": sets["controlkg_train"]}, lm_eval, lm_eval_h0,
-                       config.eval_batch, config.seed + 7)
+    # The ControlKG training triplets too: the paper's over- vs under-training check (held out vs seen); and the
+    # TargetKG's other templates: the paraphrase test (is the knowledge gone, or only its trained wording?).
+    final_sets = {**eval_sets, "controlkg_train": sets["controlkg_train"]}
+    if "targetkg_paraphrase" in sets:
+        final_sets["targetkg_paraphrase"] = sets["targetkg_paraphrase"]
+    results = evaluate(model, top, final_sets, lm_eval, lm_eval_h0, config.eval_batch, config.seed + 7)
     eval_seconds = time.perf_counter() - eval_started
     sparsity = sparsity_report(model)
     summary = summarize(results)
@@ -298,7 +306,8 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
         "masked_layers": len(layers), "masked_blocks": [first, n_blocks - 1], "n_blocks": n_blocks,
         "masked_weights": sparsity["total_weights"], "backend": fm.ops._backend.resolve_name(device),
         "data": {"targetkg": len(prepared.target), "controlkg_train": len(prepared.control_train),
-                 "controlkg_eval": len(prepared.control_eval), "lm_train_tokens": int(lm_train.numel()),
+                 "controlkg_eval": len(prepared.control_eval),
+                 "targetkg_paraphrase": len(paraphrase_sentences), "lm_train_tokens": int(lm_train.numel()),
                  "lm_eval_tokens": int(lm_eval.numel()), "sources": prepared.sources},
         "summary": summary, "sparsity": sparsity,
         "scores": {mode: {k: {kk: vv for kk, vv in v.items() if kk != "logprob"} for k, v in r.items()}
