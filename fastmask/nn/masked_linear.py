@@ -113,26 +113,9 @@ class MaskedLinear(nn.Module):
         checked = check_mask_fields(_WHERE, estimator=estimator, granularity=granularity, block=block,
                                     init_keep=init_keep, init_logit=init_logit, beta=beta, gamma=gamma, zeta=zeta,
                                     tau=tau, n_masks=n_masks, seed=seed)
-        check_choice(weight_layout, WEIGHT_LAYOUTS, "weight_layout", _WHERE)
         check_choice(head_side, HEAD_SIDES, "head_side", _WHERE)
-        check_float_tensor(weight, "weight", _WHERE)
-        if weight.dim() != 2:
-            raise ValueError(f"MaskedLinear: weight must be 2-D, got shape {list(weight.shape)}")
-        out_features = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
-        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_features,)
-                                 or bias.dtype != weight.dtype or bias.device != weight.device):
-            found = (f"{type(bias).__name__}" if not isinstance(bias, torch.Tensor)
-                     else f"shape {list(bias.shape)}, {bias.dtype} on {bias.device}")
-            raise ValueError(f"MaskedLinear: bias must be None or a tensor of shape [{out_features}] with the weight's "
-                             f"dtype and device ({weight.dtype} on {weight.device}), got {found}")
+        self._hold_frozen(weight, bias, weight_layout, _WHERE)
         self.n_masks, self.seed = checked["n_masks"], checked["seed"]
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-        self.weight.requires_grad_(False)
-        if bias is not None and not isinstance(bias, nn.Parameter):
-            bias = nn.Parameter(bias, requires_grad=False)
-        self.bias = bias
-        if bias is not None:
-            bias.requires_grad_(False)
         self.weight_layout, self.estimator, self.granularity = weight_layout, estimator, granularity
         self.beta = default_beta(estimator, checked["beta"])
         self.gamma, self.zeta, self.tau = checked["gamma"], checked["zeta"], checked["tau"]
@@ -163,6 +146,28 @@ class MaskedLinear(nn.Module):
         if self.estimator == "threshold_st":
             return logit + self.tau
         return logit
+
+    def _hold_frozen(self, weight: torch.Tensor, bias: Optional[torch.Tensor], weight_layout: str, where: str) -> None:
+        """Check the wrapped weight (a float 2-D tensor in ``weight_layout``) and bias ((out,), the weight's dtype and
+        device), and hold both as frozen parameters (the originals when they already are parameters: no copy)."""
+        check_choice(weight_layout, WEIGHT_LAYOUTS, "weight_layout", where)
+        check_float_tensor(weight, "weight", where)
+        if weight.dim() != 2:
+            raise ValueError(f"{where}: weight must be 2-D, got shape {list(weight.shape)}")
+        out_features = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_features,)
+                                 or bias.dtype != weight.dtype or bias.device != weight.device):
+            found = (f"{type(bias).__name__}" if not isinstance(bias, torch.Tensor)
+                     else f"shape {list(bias.shape)}, {bias.dtype} on {bias.device}")
+            raise ValueError(f"{where}: bias must be None or a tensor of shape [{out_features}] with the weight's "
+                             f"dtype and device ({weight.dtype} on {weight.device}), got {found}")
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.weight.requires_grad_(False)
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias, requires_grad=False)
+        self.bias = bias
+        if bias is not None:
+            bias.requires_grad_(False)
 
     @classmethod
     def from_module(cls, module: nn.Module, **kwargs) -> "MaskedLinear":

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA
-from ..ops._validate import WEIGHT_LAYOUTS, check_choice, check_float_tensor, check_seed
+from ..ops._validate import check_seed
 from ..ops.nm import NM_ESTIMATOR, check_nm, check_nm_params, n_patterns, nm_mask, nm_masked_linear
 from .masked_linear import MaskedLinear
 
@@ -43,27 +43,13 @@ class NMMaskedLinear(MaskedLinear):
         nn.Module.__init__(self)  # MaskedLinear.__init__ builds gate grids; the fields it shares are set below
         n, m = check_nm(n, m, _WHERE)
         temperature, scale, hard = check_nm_params(temperature, scale, hard, _WHERE)
-        check_choice(weight_layout, WEIGHT_LAYOUTS, "weight_layout", _WHERE)
-        check_float_tensor(weight, "weight", _WHERE)
-        if weight.dim() != 2:
-            raise ValueError(f"{_WHERE}: weight must be 2-D, got shape {list(weight.shape)}")
+        self._hold_frozen(weight, bias, weight_layout, _WHERE)
         out_features, in_features = weight.shape if weight_layout == "out_in" else weight.shape[::-1]
         if in_features % m:
             raise ValueError(f"{_WHERE}: in_features={in_features} must be a multiple of m={m} (groups of m "
                              f"consecutive input weights); leave this layer out of the targets")
-        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_features,)
-                                 or bias.dtype != weight.dtype or bias.device != weight.device):
-            raise ValueError(f"{_WHERE}: bias must be None or a tensor of shape [{out_features}] with the weight's "
-                             f"dtype and device")
         self.seed = check_seed(seed, _WHERE)
         self.n_masks = 1
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-        self.weight.requires_grad_(False)
-        if bias is not None and not isinstance(bias, nn.Parameter):
-            bias = nn.Parameter(bias, requires_grad=False)
-        self.bias = bias
-        if bias is not None:
-            bias.requires_grad_(False)
         self.weight_layout, self.estimator, self.granularity = weight_layout, NM_ESTIMATOR, NM_GRANULARITY
         self.n, self.m, self.hard = n, m, hard
         self.beta, self.temperature, self.scale = temperature, temperature, scale

@@ -103,13 +103,14 @@ def _(x, weight, logits, bias, estimator, seed, offset, training, inverse, weigh
 
 def _keep_setup_context(ctx, inputs, output):
     x, weight, logits, bias, *scalars = inputs
+    weight_layout, block = scalars[5:7]  # after estimator, seed, offset, training, inverse (the op's schema)
     _, wm, slope = output
     ctx.mark_non_differentiable(wm, slope)
     ctx.set_materialize_grads(False)  # no zero-filled (R, C) gradient for the W * m output that nothing uses
     ctx.save_for_backward(x, weight, wm, slope)
     ctx.logits_dtype = logits.dtype
-    ctx.in_out = scalars[5] == "in_out"
-    ctx.block = tuple(scalars[6])
+    ctx.in_out = weight_layout == "in_out"
+    ctx.block = tuple(block)
     ctx.n_scalars = len(scalars)
 
 
