@@ -11,8 +11,11 @@ Methods per case:
   weight_op  the masked-weight route: torch.ops.fastmask.masked_linear (masked weight + dWm GEMM + mask-gradient
              kernel; what fm.ops.masked_linear ran for every grid before the unit path existed)
   recompute  fm.ops.masked_linear with memory="recompute" (per-weight cases): the backward regenerates the gates
+  custom_op  fm.ops.masked_linear through its torch.library custom ops (the eager autograd.Function twins off:
+             what every call ran before the twins existed; torch.compile still runs this route)
   fastmask   fm.ops.masked_linear (unit, head and layer grids take the two-GEMM unit path; per-weight grids the
-             default memory policy, "keep" on CPU: one gate evaluation per step)
+             default memory policy, "keep" on CPU: one gate evaluation per step; eager calls run the ops'
+             autograd.Function twins, fastmask/ops/_common.py)
 
 Rows go to $FASTMASK_BENCH_OUT or benchmarks/results/<device>_mask_vs_dense.csv with hardware, thread count,
 versions and git sha; ``ratio_to_dense`` is each method's median over the dense median of the same rounds.
@@ -99,8 +102,15 @@ def make_methods(case, tokens, in_features, out_features, grid, block, dtype, co
         fm.ops.masked_linear(x, weight, logits, estimator=estimator, seed=1, offset=offset(),
                              block=block).backward(grad_out)
 
+    def custom_op():
+        fm.ops._common.EAGER_FUNCTIONS = False
+        try:
+            fastmask()
+        finally:
+            fm.ops._common.EAGER_FUNCTIONS = True
+
     methods = {"dense": dense, "naive": naive, "naive_compiled": naive_compiled, "weight_op": weight_op,
-               "recompute": recompute, "fastmask": fastmask}
+               "recompute": recompute, "custom_op": custom_op, "fastmask": fastmask}
     if compiled is None:
         del methods["naive_compiled"]
     if ref.unit_axis(grid, "out_in") is not None:  # unit / head / layer grids: no memory policy, no masked weight

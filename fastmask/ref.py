@@ -342,9 +342,12 @@ def gated_units_ref(x, logits, group: int, bias=None, **gate) -> torch.Tensor:
 def scale_units(x, gates, group: int, bias=None) -> torch.Tensor:
     """x * gates[..., feature // group] (+ bias) in float32 (float64), rounded once to x's dtype. ``gates``: (G,) for
     every row, or (rows, G), one gate vector per row of a 2-D x (the rows of K-mask batches)."""
-    per_feature = gates.repeat_interleave(group, dim=-1)[..., : x.shape[-1]]
     up = _upcast(x)
-    y = up * per_feature.to(up.dtype)
+    features = x.shape[-1]
+    if features % group == 0 and (gates.dim() == 1 or x.dim() == 2):  # broadcast over each group: no gate copy
+        y = (up.unflatten(-1, (features // group, group)) * gates.to(up.dtype).unsqueeze(-1)).flatten(-2)
+    else:  # a partial last group
+        y = up * gates.repeat_interleave(group, dim=-1)[..., :features].to(up.dtype)
     if bias is not None:
         y = y + _upcast(bias)
     return y.to(x.dtype)
@@ -375,6 +378,8 @@ def reduce_units(per_feature: torch.Tensor, group: int, n_gates: int, n_masks: i
         per_mask = rows.view(n_masks, rows.shape[0] // n_masks, features).sum(1)
     else:
         per_mask = rows.new_zeros(n_masks, features).index_add_(0, token_mask, rows)
+    if group == 1 and features == n_gates:
+        return per_mask
     padded = per_mask.new_zeros(n_masks, n_gates * group)
     padded[:, :features] = per_mask
     return padded.view(n_masks, n_gates, group).sum(2)

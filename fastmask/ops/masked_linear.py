@@ -7,6 +7,10 @@ Two ways to train per-weight and block gates, one per memory policy (fastmask/op
   keep       fastmask::masked_linear_keep: the forward also returns W * m and the gates' slopes (each gate
              evaluated once), autograd saves them, and the backward is torch ops: dx = dy (W * m), dWm = dy^T x,
              d(logits) = block sums of dWm * W times the slopes. Frozen weights only.
+
+Eager calls with plain tensors run each op's ``torch.autograd.Function`` twin, built from the same implementation
+functions (``_recompute_*``, ``_keep_*``): bit-identical results without the custom op's per-call Python cost;
+torch.compile, export, FakeTensor and DTensor calls run the custom ops (``_common.eager_function``).
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import ref
 from ..ref import flatten_tokens, unit_axis
 from ._backend import resolve
-from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params, register_backward_op
+from ._common import (DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, eager_function, make_params,
+                      register_backward_op)
 from ._composed import matmul_acc
 from ._modes import MEMORY_POLICIES, memory_policy_for, refuse_nan
 from ._validate import check_choice
@@ -29,16 +35,60 @@ from .gated_units import unit_masked_linear
 _WHERE = "fastmask.ops.masked_linear"
 
 
+def _recompute_forward(x, weight, logits, bias, weight_layout: str, block, params) -> torch.Tensor:
+    """The "recompute" policy's forward (arguments validated), shared by the custom op and its eager twin."""
+    refuse_nan(logits, "logits", _WHERE)
+    out_features = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
+    y = resolve(x.device).masked_linear_forward(flatten_tokens(x), weight, logits.contiguous(), bias, block,
+                                                weight_layout == "in_out", params)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _recompute_grads(grad_out, x, weight, logits, has_bias: bool, weight_layout: str, block, params,
+                     needs_input_grad: bool, needs_weight_grad: bool):
+    """(grad_x, grad_weight, grad_logits, grad_bias) of the "recompute" policy: the backend regenerates the gates
+    from (seed, offset). Gradients not asked for are empty tensors (distinct: custom-op outputs may not alias)."""
+    grad_x, grad_weight, grad_logits, grad_bias = resolve(x.device).masked_linear_backward(
+        flatten_tokens(grad_out), flatten_tokens(x), weight, logits.contiguous(), has_bias, tuple(block),
+        weight_layout == "in_out", params, needs_input_grad, needs_weight_grad)
+    return (grad_x.reshape(x.shape).to(x.dtype) if needs_input_grad else x.new_empty(0),
+            grad_weight.to(weight.dtype) if needs_weight_grad else x.new_empty(0),
+            grad_logits.to(logits.dtype),
+            grad_bias.to(grad_out.dtype) if has_bias else x.new_empty(0))
+
+
+def _keep_forward(x, weight, logits, bias, weight_layout: str, block, params):
+    """(y, W * m, dz/dl): the "keep" policy's forward (arguments validated), each gate evaluated once."""
+    refuse_nan(logits, "logits", _WHERE)
+    out_features = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
+    wm, slope = resolve(x.device).masked_weight_and_slope(weight, logits.contiguous(), block, params)
+    y = F.linear(flatten_tokens(x), wm.t() if weight_layout == "in_out" else wm, bias)
+    return y.reshape(*x.shape[:-1], out_features), wm, slope
+
+
+def _keep_grads(grad_out, x, weight, wm, slope, logits_dtype, in_out: bool, block, needs_x: bool,
+                needs_logits: bool, needs_bias: bool):
+    """(grad_x, grad_logits, grad_bias) of the "keep" policy (None where not asked for): torch ops only,
+    dx = dy (W * m), dWm = dy^T x and d(logits) = block sums of dWm * W times the kept slopes."""
+    dy, x2 = flatten_tokens(grad_out), flatten_tokens(x)
+    grad_logits = grad_x = grad_bias = None
+    if needs_logits:
+        grad_wm = matmul_acc(x2.t(), dy) if in_out else matmul_acc(dy.t(), x2)
+        grad_logits = ref.mask_grad_from_slope(grad_wm, weight, slope, block).to(logits_dtype)
+    if needs_x:
+        grad_x = (dy @ (wm.t() if in_out else wm)).reshape(x.shape).to(x.dtype)
+    if needs_bias:
+        grad_bias = dy.sum(0)
+    return grad_x, grad_logits, grad_bias
+
+
 @torch.library.custom_op("fastmask::masked_linear", mutates_args=())
 def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor],
                       estimator: str, seed: int, offset: int, training: bool, inverse: bool, weight_layout: str,
                       block: Sequence[int], beta: float, gamma: float, zeta: float, tau: float) -> torch.Tensor:
-    _, out_features, blk = check_masked_linear(x, weight, logits, bias, weight_layout, tuple(block), _WHERE)
+    _, _, blk = check_masked_linear(x, weight, logits, bias, weight_layout, tuple(block), _WHERE)
     params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
-    refuse_nan(logits, "logits", _WHERE)
-    y = resolve(x.device).masked_linear_forward(flatten_tokens(x), weight, logits.contiguous(), bias, blk,
-                                                weight_layout == "in_out", params)
-    return y.reshape(*x.shape[:-1], out_features)
+    return _recompute_forward(x, weight, logits, bias, weight_layout, blk, params)
 
 
 @_masked_linear_op.register_fake
@@ -56,14 +106,8 @@ def _masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: 
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_logits, grad_bias); gradients that were not asked for are empty tensors."""
     params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
-    grad_x, grad_weight, grad_logits, grad_bias = resolve(x.device).masked_linear_backward(
-        flatten_tokens(grad_out), flatten_tokens(x), weight, logits.contiguous(), has_bias, tuple(block),
-        weight_layout == "in_out", params, needs_input_grad, needs_weight_grad)
-    # Placeholders must be distinct tensors: custom-op outputs may not alias each other.
-    return (grad_x.reshape(x.shape).to(x.dtype) if needs_input_grad else x.new_empty(0),
-            grad_weight.to(weight.dtype) if needs_weight_grad else x.new_empty(0),
-            grad_logits.to(logits.dtype),
-            grad_bias.to(grad_out.dtype) if has_bias else x.new_empty(0))
+    return _recompute_grads(grad_out, x, weight, logits, has_bias, weight_layout, tuple(block), params,
+                            needs_input_grad, needs_weight_grad)
 
 
 @_masked_linear_backward_op.register_fake
@@ -84,12 +128,9 @@ def _masked_linear_keep_op(x: torch.Tensor, weight: torch.Tensor, logits: torch.
                            block: Sequence[int], beta: float, gamma: float, zeta: float, tau: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, W * m, dz/dl): masked_linear's forward that also returns what the "keep" policy's backward needs."""
-    _, out_features, blk = check_masked_linear(x, weight, logits, bias, weight_layout, tuple(block), _WHERE)
+    _, _, blk = check_masked_linear(x, weight, logits, bias, weight_layout, tuple(block), _WHERE)
     params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
-    refuse_nan(logits, "logits", _WHERE)
-    wm, slope = resolve(x.device).masked_weight_and_slope(weight, logits.contiguous(), blk, params)
-    y = F.linear(flatten_tokens(x), wm.t() if weight_layout == "in_out" else wm, bias)
-    return y.reshape(*x.shape[:-1], out_features), wm, slope
+    return _keep_forward(x, weight, logits, bias, weight_layout, blk, params)
 
 
 @_masked_linear_keep_op.register_fake
@@ -122,16 +163,52 @@ def _keep_backward(ctx, grad_out, _grad_wm, _grad_slope):
     if needs_weight:  # masked_linear routes trainable weights to the recompute ops; a direct call cannot do this
         raise RuntimeError(f"{_WHERE}: the 'keep' memory policy has no weight gradient (it keeps W * m, not m); "
                            f"use memory='recompute' for a trainable weight")
-    dy, x2 = flatten_tokens(grad_out), flatten_tokens(x)
-    grad_logits = grad_x = grad_bias = None
-    if needs_logits:
-        grad_wm = matmul_acc(x2.t(), dy) if ctx.in_out else matmul_acc(dy.t(), x2)
-        grad_logits = ref.mask_grad_from_slope(grad_wm, weight, slope, ctx.block).to(ctx.logits_dtype)
-    if needs_x:
-        grad_x = (dy @ (wm.t() if ctx.in_out else wm)).reshape(x.shape).to(x.dtype)
-    if needs_bias:
-        grad_bias = dy.sum(0)
+    grad_x, grad_logits, grad_bias = _keep_grads(grad_out, x, weight, wm, slope, ctx.logits_dtype, ctx.in_out,
+                                                 ctx.block, needs_x, needs_logits, needs_bias)
     return (grad_x, None, grad_logits, grad_bias) + (None,) * ctx.n_scalars
+
+
+class _MaskedLinearFunction(torch.autograd.Function):
+    """The eager twin of fastmask::masked_linear + masked_linear_backward ("recompute"; ``_common.eager_function``
+    says when it runs): the same ``_recompute_forward`` / ``_recompute_grads`` behind one Python layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, logits, bias, weight_layout, block, params):
+        ctx.save_for_backward(x, weight, logits)
+        ctx.config = (bias is not None, weight_layout, block, params)
+        return _recompute_forward(x, weight, logits, bias, weight_layout, block, params)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, logits = ctx.saved_tensors
+        has_bias, weight_layout, block, params = ctx.config
+        needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
+        grad_x, grad_weight, grad_logits, grad_bias = _recompute_grads(
+            grad_out, x, weight, logits, has_bias, weight_layout, block, params, needs_x, needs_weight)
+        return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
+                (grad_logits if needs_logits else None), (grad_bias if needs_bias else None), None, None, None)
+
+
+class _MaskedLinearKeepFunction(torch.autograd.Function):
+    """The eager twin of fastmask::masked_linear_keep (frozen weights only, as the op): ``_keep_forward`` /
+    ``_keep_grads`` behind one Python layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, logits, bias, weight_layout, block, params):
+        y, wm, slope = _keep_forward(x, weight, logits, bias, weight_layout, block, params)
+        ctx.save_for_backward(x, weight, wm, slope)
+        ctx.config = (logits.dtype, weight_layout == "in_out", block)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, wm, slope = ctx.saved_tensors
+        needs_x, _, needs_logits, needs_bias = ctx.needs_input_grad[:4]
+        grad_x, grad_logits, grad_bias = _keep_grads(grad_out, x, weight, wm, slope, *ctx.config, needs_x,
+                                                     needs_logits, needs_bias)
+        return grad_x, None, grad_logits, grad_bias, None, None, None
 
 
 _masked_linear_keep_op.register_autograd(_keep_backward, setup_context=_keep_setup_context)
@@ -192,8 +269,13 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, b
                                   gamma=float(gamma), zeta=float(zeta), tau=float(tau))
     if memory is not None:
         check_choice(memory, MEMORY_POLICIES, "memory", _WHERE)
+    keeps = _keeps(x, weight, logits, memory)
+    if eager_function(x, weight, logits, bias):
+        params = make_params(estimator, seed, offset, beta, gamma, zeta, tau, training, inverse, _WHERE)
+        twin = _MaskedLinearKeepFunction if keeps else _MaskedLinearFunction
+        return twin.apply(x, weight, logits, bias, weight_layout, blk, params)
     args = (x, weight, logits, bias, estimator, seed, offset, bool(training), bool(inverse), weight_layout, list(blk),
             beta, float(gamma), float(zeta), float(tau))
-    if _keeps(x, weight, logits, memory):
+    if keeps:
         return _masked_linear_keep_op(*args)[0]
     return _masked_linear_op(*args)
