@@ -11,6 +11,9 @@
 TORCH_LIBRARY_FRAGMENT(fastmask, m) {
   // Fills out (float32, contiguous) with philox_uniform(seed, offset + i).
   m.def("_uniform_fill(Tensor(a!) out, int seed, int offset) -> ()");
+  // Fills out (float32, contiguous) with the Gumbel noise -log(-log u) of u = philox_uniform(seed, offset + i)
+  // clamped to [1e-6, 1 - 1e-6] (about 1 ulp from torch's logs; the learned N:M masks' noise). CPU only.
+  m.def("_gumbel_fill(Tensor(a!) out, int seed, int offset) -> ()");
   // Gates z (float32, shaped like logits).
   m.def(
       "_gate_fwd(Tensor logits, int estimator, int seed, int offset, float beta, float gamma, float zeta, "

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not (SHARED_DATA / "wikitext-2" / "wiki.test.raw
 
 TINY_RUN = ["--steps", "4", "--train-blocks", "6", "--calib-blocks", "2", "--eval-blocks", "3", "--block-size",
             "16", "--batch", "2", "--checkpoint-every", "2", "--lr", "2.0", "--prior-strength", "1.0",
+            "--learn-from", "magnitude,wanda",
             "--no-progress", "--threads", "1", "--data-dir", str(SHARED_DATA)]
 
 
@@ -99,6 +100,7 @@ def test_resume_recomputes_only_missing_units(cli_run, tiny_gpt2_dir):
 
 @pytest.mark.parametrize("flags,message", [(["--n", "4", "--m", "4"], "n must be"),
                                            (["--priors", "sparsegpt"], "priors must be"),
+                                           (["--priors", "magnitude"], "learn_from must be"),
                                            (["--batch", "9"], "batch must be")])
 def test_bad_flags_are_usage_errors(tmp_path, tiny_gpt2_dir, flags, message):
     result = _run(tiny_gpt2_dir, tmp_path / "run", *flags)

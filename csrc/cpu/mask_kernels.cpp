@@ -453,6 +453,36 @@ FASTMASK_TARGET_AVX512 void gates_f32_avx512(const GateParamsF& p, const float* 
 }
 #endif
 
+// Gumbel noise g[i] = -log(-log(u)) of u = uniform(seed, ctr + i) clamped to [eps, 1 - eps] (fastmask.ref's
+// _gumbel_noise; the learned N:M masks' noise), two branch-free logs per element instead of two torch passes.
+template <int kIsa>
+FASTMASK_INLINE void gumbel_fill_body(uint64_t seed, uint64_t ctr, int64_t n, float* g) {
+  constexpr bool kFma = kIsa != kIsaScalar;
+  constexpr int64_t kChunk = 256;  // the chunk's noise stays in L1 between the two loops
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - i0);
+    float* gi = g + i0;
+    philox_fill<kIsa>(seed, ctr + static_cast<uint64_t>(i0), m, gi);
+    for (int64_t i = 0; i < m; ++i) {
+      float u = select(gi[i] < kUniformEps, kUniformEps, gi[i]);
+      u = select(u > 1.0f - kUniformEps, 1.0f - kUniformEps, u);
+      gi[i] = -fast_log<kFma>(-fast_log<kFma>(u));
+    }
+  }
+}
+
+void gumbel_fill_scalar(uint64_t seed, uint64_t ctr, int64_t n, float* g) {
+  gumbel_fill_body<kIsaScalar>(seed, ctr, n, g);
+}
+#if FASTMASK_X86_DISPATCH
+FASTMASK_TARGET_AVX2 void gumbel_fill_avx2(uint64_t seed, uint64_t ctr, int64_t n, float* g) {
+  gumbel_fill_body<kIsaAvx2>(seed, ctr, n, g);
+}
+FASTMASK_TARGET_AVX512 void gumbel_fill_avx512(uint64_t seed, uint64_t ctr, int64_t n, float* g) {
+  gumbel_fill_body<kIsaAvx512>(seed, ctr, n, g);
+}
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
@@ -558,16 +588,20 @@ int64_t tile_grain(const TilePlan& t) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// _uniform_fill
+// _uniform_fill / _gumbel_fill
 // ---------------------------------------------------------------------------------------------------------------
 
-void uniform_fill_cpu(at::Tensor out, int64_t seed, int64_t offset) {
+// The data of a noise op's out: a float32 contiguous CPU tensor.
+float* noise_out(const at::Tensor& out, const char* op) {
   check_cpu(out, "out");
-  TORCH_CHECK(out.scalar_type() == at::kFloat, "fastmask: _uniform_fill: out must be float32, got ",
-              out.scalar_type());
-  TORCH_CHECK(out.is_contiguous(), "fastmask: _uniform_fill: out must be contiguous (got strides ", out.strides(),
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "fastmask: ", op, ": out must be float32, got ", out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), "fastmask: ", op, ": out must be contiguous (got strides ", out.strides(),
               " for shape ", out.sizes(), ")");
-  float* data = out.data_ptr<float>();
+  return out.data_ptr<float>();
+}
+
+void uniform_fill_cpu(at::Tensor out, int64_t seed, int64_t offset) {
+  float* data = noise_out(out, "_uniform_fill");
   const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
   const Isa isa = current_isa();
   at::parallel_for(0, out.numel(), 1 << 15, [&](int64_t b, int64_t e) {
@@ -576,6 +610,20 @@ void uniform_fill_cpu(at::Tensor out, int64_t seed, int64_t offset) {
       case kIsaAvx2: philox_fill<kIsaAvx2>(s, o + static_cast<uint64_t>(b), e - b, data + b); break;
       default: philox_fill<kIsaScalar>(s, o + static_cast<uint64_t>(b), e - b, data + b); break;
     }
+  });
+}
+
+void gumbel_fill_cpu(at::Tensor out, int64_t seed, int64_t offset) {
+  float* data = noise_out(out, "_gumbel_fill");
+  const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+  const Isa isa = current_isa();
+  at::parallel_for(0, out.numel(), 1 << 14, [&](int64_t b, int64_t e) {
+    const uint64_t ctr = o + static_cast<uint64_t>(b);
+#if FASTMASK_X86_DISPATCH
+    if (isa == kIsaAvx512) return gumbel_fill_avx512(s, ctr, e - b, data + b);
+    if (isa == kIsaAvx2) return gumbel_fill_avx2(s, ctr, e - b, data + b);
+#endif
+    gumbel_fill_scalar(s, ctr, e - b, data + b);
   });
 }
 
@@ -974,6 +1022,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_grad_masked_weight_cpu(
 
 TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
   m.impl("_uniform_fill", &fastmask::cpu::uniform_fill_cpu);
+  m.impl("_gumbel_fill", &fastmask::cpu::gumbel_fill_cpu);
   m.impl("_gate_fwd", &fastmask::cpu::gate_fwd_cpu);
   m.impl("_gate_bwd", &fastmask::cpu::gate_bwd_cpu);
   m.impl("_masked_weight", &fastmask::cpu::masked_weight_cpu);

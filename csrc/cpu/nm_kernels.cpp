@@ -3,10 +3,11 @@
 // scores in registers: the forward writes W * mask, the backward writes d(logits) (the per-pattern sums of
 // dWm * W, then the softmax Jacobian) and the mask itself (for dx and the weight gradient). Nothing of size
 // (rows, cols, C) is ever materialised.
-// Noise: the caller passes u = uniform(seed, offset + j) for every logit j (float32, the library's Philox stream,
-// drawn by the vectorised _uniform_fill), so the patterns sampled here are the reference's. The Gumbel transform
-// -log(-log u) uses std::log: its last bit may differ from torch's vectorised log, hence tests compare masks
-// exactly and gradients within rounding. Limits: M <= 8 (C <= 70), contiguous tensors, CPU only.
+// Noise: the caller passes the Gumbel noise g = -log(-log u) of every logit j, u = uniform(seed, offset + j) (the
+// library's Philox stream; fastmask/ops/nm.py draws it with the vectorised _gumbel_fill for float32 logits, within
+// about 1 ulp of the reference, and with the reference's torch ops for float64), so the O(C) logs per group stay out
+// of this scalar loop (std::log per logit in here made the step about 9x the dense step at 128 tokens). Limits:
+// M <= 8 (C <= 70), contiguous tensors, CPU only.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,7 +22,6 @@ namespace {
 
 constexpr int kMaxM = 8;
 constexpr int kMaxPatterns = 70;  // C(8, 4)
-constexpr float kUniformEps = 1e-6f;  // fastmask.ref.UNIFORM_EPS
 
 // The patterns as bit masks (bit j: weight j of the group kept), in itertools.combinations order.
 void make_patterns(int n, int m, int start, int chosen, uint32_t bits, std::vector<uint32_t>& out) {
@@ -48,15 +48,11 @@ struct NMArgs {
 
 // Scores z_c = (scale * l_c + g_c) / temperature of one group (g only in training), in the compute type T.
 template <typename T>
-inline void group_scores(const T* l, const float* u, const NMArgs& a, T* z) {
+inline void group_scores(const T* l, const T* g, const NMArgs& a, T* z) {
   const T scale = static_cast<T>(a.scale), temperature = static_cast<T>(a.temperature);
   for (int64_t c = 0; c < a.c; ++c) {
     T v = l[c] * scale;
-    if (a.training) {
-      float uc = std::min(std::max(u[c], kUniformEps), 1.0f - kUniformEps);
-      const T ut = static_cast<T>(uc);
-      v = v + (-std::log(-std::log(ut)));
-    }
+    if (a.training) v = v + g[c];
     z[c] = v / temperature;
   }
 }
@@ -102,7 +98,7 @@ inline int64_t weight_index(const NMArgs& a, int64_t o, int64_t g, int64_t j) {
   return a.in_out ? i * a.out + o : o * (a.groups * a.m) + i;
 }
 
-NMArgs make_args(const at::Tensor& weight, const at::Tensor& logits, const c10::optional<at::Tensor>& u, int64_t n,
+NMArgs make_args(const at::Tensor& weight, const at::Tensor& logits, const c10::optional<at::Tensor>& gumbel, int64_t n,
                  int64_t m, bool training, bool hard, double temperature, double scale, bool in_out,
                  const std::vector<uint32_t>& pats) {
   TORCH_CHECK(weight.device().is_cpu() && logits.device().is_cpu(), "fastmask N:M kernels: CPU tensors only");
@@ -116,23 +112,24 @@ NMArgs make_args(const at::Tensor& weight, const at::Tensor& logits, const c10::
               "fastmask N:M kernels: logits must have shape (", out, ", ", in / m, ", ", pats.size(), "), got ",
               logits.sizes());
   if (training) {
-    TORCH_CHECK(u.has_value() && u->scalar_type() == at::kFloat && u->is_contiguous() &&
-                    u->numel() == logits.numel(),
-                "fastmask N:M kernels: training needs the noise u (float32, shaped like the logits)");
+    TORCH_CHECK(gumbel.has_value() && gumbel->scalar_type() == logits.scalar_type() && gumbel->is_contiguous() &&
+                    gumbel->numel() == logits.numel(),
+                "fastmask N:M kernels: training needs the Gumbel noise (the logits' dtype and shape, contiguous)");
   }
   return NMArgs{out, in / m, static_cast<int64_t>(pats.size()), m, training, hard, in_out, temperature, scale};
 }
 
-at::Tensor nm_masked_weight_cpu(const at::Tensor& weight, const at::Tensor& logits, const c10::optional<at::Tensor>& u,
+at::Tensor nm_masked_weight_cpu(const at::Tensor& weight, const at::Tensor& logits,
+                                const c10::optional<at::Tensor>& gumbel,
                                 int64_t n, int64_t m, bool training, bool hard, double temperature, double scale,
                                 bool in_out) {
   const auto pats = patterns_of(n, m);
-  const NMArgs a = make_args(weight, logits, u, n, m, training, hard, temperature, scale, in_out, pats);
+  const NMArgs a = make_args(weight, logits, gumbel, n, m, training, hard, temperature, scale, in_out, pats);
   at::Tensor wm = at::empty_like(weight);
-  const float* up = training ? u->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nm_masked_weight", [&] {
     using T = scalar_t;
     const T* lp = logits.data_ptr<T>();
+    const T* up = training ? gumbel->data_ptr<T>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "nm_masked_weight_w", [&] {
       using W = scalar_t;
       using Acc = std::conditional_t<std::is_same_v<W, double>, double, float>;  // ref.compute_dtype(weight)
@@ -159,21 +156,22 @@ at::Tensor nm_masked_weight_cpu(const at::Tensor& weight, const at::Tensor& logi
 }
 
 std::tuple<at::Tensor, at::Tensor> nm_logits_grad_cpu(const at::Tensor& grad_wm, const at::Tensor& weight,
-                                                      const at::Tensor& logits, const c10::optional<at::Tensor>& u,
+                                                      const at::Tensor& logits,
+                                                      const c10::optional<at::Tensor>& gumbel,
                                                       int64_t n, int64_t m, bool training, bool hard,
                                                       double temperature, double scale, bool in_out) {
   const auto pats = patterns_of(n, m);
-  const NMArgs a = make_args(weight, logits, u, n, m, training, hard, temperature, scale, in_out, pats);
+  const NMArgs a = make_args(weight, logits, gumbel, n, m, training, hard, temperature, scale, in_out, pats);
   TORCH_CHECK(grad_wm.dim() == 2 && grad_wm.size(0) == a.out && grad_wm.size(1) == a.groups * a.m &&
                   grad_wm.is_contiguous() &&
                   (grad_wm.scalar_type() == at::kFloat || grad_wm.scalar_type() == at::kDouble),
               "fastmask N:M kernels: grad_wm must be a contiguous float32 / float64 (out, in) tensor");
   at::Tensor grad = at::empty_like(logits);
   at::Tensor mask_out = at::empty({a.out, a.groups * a.m}, logits.options());
-  const float* up = training ? u->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nm_logits_grad", [&] {
     using T = scalar_t;
     const T* lp = logits.data_ptr<T>();
+    const T* up = training ? gumbel->data_ptr<T>() : nullptr;
     T* gp = grad.data_ptr<T>();
     T* mp = mask_out.data_ptr<T>();
     const T factor = static_cast<T>(scale / temperature);
@@ -223,13 +221,14 @@ std::tuple<at::Tensor, at::Tensor> nm_logits_grad_cpu(const at::Tensor& grad_wm,
 // The schemas live here (not in csrc/ops.cpp) so that the N:M kernels are one file; fastmask/ops/nm.py uses them
 // when the "cpu" backend is chosen and they exist.
 TORCH_LIBRARY_FRAGMENT(fastmask, m) {
-  // W * mask (weight dtype and layout); u: the noise of every logit (float32) in training, else None.
+  // W * mask (weight dtype and layout); gumbel: the Gumbel noise of every logit (the logits' dtype) in training,
+  // else None.
   m.def(
-      "_nm_masked_weight(Tensor weight, Tensor logits, Tensor? u, int n, int m, bool training, bool hard, "
+      "_nm_masked_weight(Tensor weight, Tensor logits, Tensor? gumbel, int n, int m, bool training, bool hard, "
       "float temperature, float scale, bool in_out) -> Tensor");
   // (d(logits), mask (out, in)) from grad_wm = d(loss)/d(W * mask) as an (out, in) float32 / float64 tensor.
   m.def(
-      "_nm_logits_grad(Tensor grad_wm, Tensor weight, Tensor logits, Tensor? u, int n, int m, bool training, "
+      "_nm_logits_grad(Tensor grad_wm, Tensor weight, Tensor logits, Tensor? gumbel, int n, int m, bool training, "
       "bool hard, float temperature, float scale, bool in_out) -> (Tensor, Tensor)");
 }
 

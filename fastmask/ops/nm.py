@@ -7,12 +7,15 @@ Gumbel noise from (seed, offset), as the gate ops do. Noise comes from the backe
 on every backend), so the reference and a fused kernel sample the same patterns.
 
 Backends: the C++ CPU kernels (csrc/cpu/nm_kernels.cpp: the masked weight and the logits gradient in one pass over
-the weight, no (rows, cols, C) tensor) run where the "cpu" backend is chosen and the extension has them; everything
-else runs the reference composition below (torch ops; noise from the backend's uniform). No CUDA / Triton kernels.
+the weight, no (rows, cols, C) tensor) run where the "cpu" backend is chosen and the extension has them, with the
+Gumbel noise of every logit from ``_gumbel_fill`` (one vectorised pass, within about 1 ulp of the reference's noise,
+so hard masks match the reference's except at float-level ties); everything else runs the reference composition
+below (torch ops; noise from the backend's uniform). No CUDA / Triton kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -72,10 +75,19 @@ def check_nm_linear(x, weight, logits, bias, n, m, weight_layout, where=_WHERE) 
 
 
 # --- backends -----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _extension_has_nm_kernels() -> bool:
+    """Whether the loaded extension has the N:M kernels that take the Gumbel noise (an extension built before
+    csrc/cpu/nm_kernels.cpp existed has none; one built before they took ``gumbel`` took the uniform noise)."""
+    if not (hasattr(torch.ops.fastmask, "_nm_masked_weight") and hasattr(torch.ops.fastmask, "_gumbel_fill")):
+        return False
+    return torch.ops.fastmask._nm_masked_weight.default._schema.arguments[2].name == "gumbel"
+
+
 def _fused_cpu(device: torch.device) -> bool:
     """Whether the C++ N:M kernels run tensors of ``device``: the "cpu" backend is chosen and the extension has
-    them (an extension built before csrc/cpu/nm_kernels.cpp existed does not)."""
-    return resolve_name(device) == "cpu" and hasattr(torch.ops.fastmask, "_nm_masked_weight")
+    them."""
+    return resolve_name(device) == "cpu" and _extension_has_nm_kernels()
 
 
 def _gumbel(logits: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
@@ -83,6 +95,17 @@ def _gumbel(logits: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
     u = resolve(logits.device).uniform(tuple(logits.shape), seed, offset, logits.device)
     u = u.clamp(ref.UNIFORM_EPS, 1.0 - ref.UNIFORM_EPS).to(ref.compute_dtype(logits))
     return -torch.log(-torch.log(u))
+
+
+def _fused_gumbel(logits: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """The C++ kernels' Gumbel noise: for float32 logits one vectorised pass (Philox and two polynomial logs per
+    logit, within about 1 ulp of the reference's torch logs: five torch passes cost about as much as the rest of
+    the step); for float64 logits (gradcheck) the reference's torch ops."""
+    if logits.dtype != torch.float32:
+        return _gumbel(logits, seed, offset)
+    noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    torch.ops.fastmask._gumbel_fill(noise, seed, offset)
+    return noise
 
 
 def _nm_kwargs(n, m, seed, offset, training, hard, temperature, scale, logits) -> dict:
@@ -112,9 +135,10 @@ def _group_mask(z, logits, n, m, training, hard) -> tuple[torch.Tensor, torch.Te
 def masked_weight(weight, logits, n, m, seed, offset, training, hard, temperature, scale, weight_layout):
     """W * mask in the weight's dtype and layout, on the chosen backend."""
     if _fused_cpu(weight.device):
-        u = resolve(weight.device).uniform(tuple(logits.shape), seed, offset, weight.device) if training else None
-        return torch.ops.fastmask._nm_masked_weight(weight.contiguous(), logits.contiguous(), u, n, m, training,
-                                                    hard, temperature, scale, weight_layout == "in_out")
+        logits = logits.contiguous()
+        gumbel = _fused_gumbel(logits, seed, offset) if training else None
+        return torch.ops.fastmask._nm_masked_weight(weight.contiguous(), logits, gumbel, n, m, training, hard,
+                                                    temperature, scale, weight_layout == "in_out")
     # the torch composition of ref.nm_masked_weight_ref (same operations, same order), without the softmax where
     # the mask is a hard pick
     z = _scores(logits, training, temperature, scale, seed, offset)
@@ -126,10 +150,10 @@ def masked_weight(weight, logits, n, m, seed, offset, training, hard, temperatur
 def _logits_grad(grad_wm, weight, logits, n, m, seed, offset, training, hard, temperature, scale, weight_layout):
     """(d(logits), mask (out, in)) from the float32 (float64) dWm (out, in)."""
     if _fused_cpu(weight.device):
-        u = resolve(weight.device).uniform(tuple(logits.shape), seed, offset, weight.device) if training else None
-        return torch.ops.fastmask._nm_logits_grad(grad_wm.contiguous(), weight.contiguous(), logits.contiguous(), u,
-                                                  n, m, training, hard, temperature, scale,
-                                                  weight_layout == "in_out")
+        logits = logits.contiguous()
+        gumbel = _fused_gumbel(logits, seed, offset) if training else None
+        return torch.ops.fastmask._nm_logits_grad(grad_wm.contiguous(), weight.contiguous(), logits, gumbel, n, m,
+                                                  training, hard, temperature, scale, weight_layout == "in_out")
     # ref.nm_logits_backward_ref with the noise drawn and the softmax taken once
     z = _scores(logits, training, temperature, scale, seed, offset)
     mask, y = _group_mask(z, logits, n, m, training, hard)

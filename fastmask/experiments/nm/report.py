@@ -14,7 +14,7 @@ def _rows(config: NMConfig, metrics: dict) -> list[tuple]:
     rows += [(f"{prior} {nm} (one-shot)", units[prior]["ppl"], config.n / config.m, units[prior]["seconds"])
              for prior in config.priors]
     rows += [(f"learned {nm} from {prior}", units[f"learned-{prior}"]["ppl"], config.n / config.m,
-              units[f"learned-{prior}"]["seconds"]) for prior in config.priors]
+              units[f"learned-{prior}"]["seconds"]) for prior in config.learn_from]
     return rows
 
 
@@ -31,7 +31,7 @@ def plots(run, config: NMConfig, metrics: dict) -> None:
     ax.set_title(f"{metrics['model']}: dense vs {config.n}:{config.m} masks")
     save_figure(fig, run.path("ppl.png"))
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for prior in config.priors:
+    for prior in config.learn_from:
         path = run.path(f"learned-{prior}", "history.csv")
         if path.is_file():
             history = read_history(path)
@@ -48,20 +48,24 @@ def report_markdown(config: NMConfig, metrics: dict) -> str:
     learned = "\n".join(
         f"- from {prior}: {units[f'learned-{prior}']['changed_from_prior']:.2%} of the groups left the prior's "
         f"pattern; training loss {units[f'learned-{prior}']['first_loss']:.3f} -> "
-        f"{units[f'learned-{prior}']['final_loss']:.3f} over {config.steps} steps" for prior in config.priors)
+        f"{units[f'learned-{prior}']['final_loss']:.3f} over {config.steps} steps" for prior in config.learn_from)
     best_one_shot = min(units[p]["ppl"] for p in config.priors)
-    best_learned = min(units[f"learned-{p}"]["ppl"] for p in config.priors)
-    beaten = [p for p in config.priors if units[f"learned-{p}"]["ppl"] < units[p]["ppl"]]
-    verdict = ("a learned mask beats the best one-shot mask" if best_learned < best_one_shot else
-               f"no learned mask beats the best one-shot mask in this budget ({config.steps} steps of {config.batch} "
-               f"x {config.block_size} tokens per mask)")
-    verdict += (f"; learned masks that improve on their own prior: {', '.join(beaten)}" if beaten else
-                "; no learned mask improves on its own prior (see docs/experiments/nm.md for why short runs degrade "
-                "it)")
+    if config.learn_from:
+        best_learned = min(units[f"learned-{p}"]["ppl"] for p in config.learn_from)
+        beaten = [p for p in config.learn_from if units[f"learned-{p}"]["ppl"] < units[p]["ppl"]]
+        verdict = ("a learned mask beats the best one-shot mask" if best_learned < best_one_shot else
+                   f"no learned mask beats the best one-shot mask in this budget ({config.steps} steps of "
+                   f"{config.batch} x {config.block_size} tokens per mask)")
+        verdict += (f"; learned masks that improve on their own prior: {', '.join(beaten)}" if beaten else
+                    "; no learned mask improves on its own prior (see docs/experiments/nm.md for why short runs "
+                    "degrade it)")
+    else:
+        verdict = "no mask was learned (--learn-from is empty): one-shot masks only"
     return f"""# Learned {config.n}:{config.m} masks on {metrics['model']}
 
 {config.n}:{config.m} sparsity on every attention and MLP projection ({metrics['masked_layers']} layers,
-{metrics['masked_weights']:,} weights): one-shot magnitude and Wanda masks against masks learned from each of them
+{metrics['masked_weights']:,} weights): one-shot {' and '.join(config.priors)} masks against masks learned from
+{' and '.join(config.learn_from) or 'none'} of them
 (MaskLLM-style Gumbel-softmax over the C({config.m}, {config.n}) patterns of every group of {config.m} input weights,
 logits initialised from the one-shot prior, strength {config.prior_strength}; temperature {config.temperature} ->
 {config.temperature_final}, scale {config.scale}, {'hard' if config.hard else 'soft'} masks, Adam lr {config.lr}).

@@ -116,7 +116,7 @@ def run_experiment(config: NMConfig, *, resume: bool = False, overwrite: bool = 
         units[prior] = _unit(run, prior, lambda: one_shot_perplexity(model, masks[prior], eval_blocks,
                                                                      config.eval_batch), resume)
         log(f"fastmask: one-shot {prior} {config.n}:{config.m} perplexity {units[prior]['ppl']:.2f}")
-    for prior in config.priors:
+    for prior in config.learn_from:
         key = f"learned-{prior}"
         units[key] = _unit(run, key, lambda: _learn(run, config, model, names, masks[prior], prior, train_blocks,
                                                     eval_blocks, resume), resume)
