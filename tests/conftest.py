@@ -46,6 +46,23 @@ def device_backend_params(fast_only: bool = False):
     return params
 
 
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer random BERT (hidden 32) with the real all-MiniLM-L6-v2 tokenizer (the disentangle tests' encoder)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from fastmask import assets
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(assets.minilm_dir()).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     previous = fm.get_backend()

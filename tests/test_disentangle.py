@@ -23,23 +23,6 @@ from fastmask.probing import linear_probe_accuracy
 from conftest import SHARED_DATA
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    """A 2-layer random BERT (hidden 32) with the real all-MiniLM-L6-v2 tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from fastmask import assets
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(assets.minilm_dir()).save_pretrained(folder)
-    return folder
-
-
 def _encoder(folder):
     from transformers import AutoModel
 

@@ -44,9 +44,20 @@ Meent, Wallace, EMNLP 2021), one mask per factor, all K masks learned in one for
   report.md (seed_report.py) and plots with error bars. Without ``--seeds``: one run of ``--seed`` in ``<out>``.
 * Data (``--data``, see data.py): ``tweets`` (default; the paper's setting 2, toxicity x dialect) or
   ``reviews`` (an offline stand-in for setting 1, sentiment x genre: Pang & Lee sentence polarity x the aspect a
-  sentence talks about, acting or story, from a keyword lexicon). Split sizes and max_length default per setting.
+  sentence talks about, acting or story, from a keyword lexicon). Split sizes, max_length, the mask lr, the CE
+  weight and the sweep default per setting (config.SETTING_DEFAULTS).
+* Setting 3, ``--data syntax`` (semantics vs syntax; syntax.py, syntax_eval.py, syntax_run.py, syntax_report.py):
+  mask 0 learned with triplets of MRPC paraphrase pairs (positive: the paraphrase; negative: a lexically close
+  sentence of another pair), mask 1 with triplets of UD English-EWT sentences sharing a top-level dependency template
+  (the root's UPOS and its non-punctuation dependents' UPOS in order), triplet losses only (``ce_weight`` 0), in the
+  same grouped forward, checkpoints and seeds machinery. Scored per representation (each mask, the unmasked encoder,
+  a fine-tuned baseline per factor trained with that factor's triplet loss): MRPC test paraphrase AUC and F1 (the
+  threshold picked on a dev split of train) from cosines, and on EWT test nearest-neighbour same-template accuracy,
+  the neighbours' template edit distance and a linear probe of the root's UPOS. No adversarial baseline, shifted
+  split or pruning sweep there (no class labels to remove or shift).
 * Not implemented: fine-tuning the whole encoder when ``top_blocks`` > 0; pruning WITH masking (gradual); the
-  paper's genre labels (IMDB reviews with genre: not reachable offline) and setting 3 (syntax vs semantics).
+  paper's genre labels (IMDB reviews with genre: not reachable offline) and its setting-3 data (ParaNMT: not
+  reachable offline; MRPC and EWT stand in).
 """
 
 from __future__ import annotations

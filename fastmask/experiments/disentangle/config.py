@@ -18,7 +18,14 @@ ESTIMATORS = ("threshold_st", "hard_concrete", "gumbel_sigmoid_st")
 SETTING_DEFAULTS = {
     "tweets": {"train_size": 600, "probe_size": 300, "test_size": 300, "shifted_size": 300, "max_length": 24},
     "reviews": {"train_size": 500, "probe_size": 250, "test_size": 250, "shifted_size": 250, "max_length": 40},
+    # Setting 3 (syntax.py): train_size paraphrase pairs + as many EWT anchors, probe_size MRPC dev pairs + EWT dev
+    # sentences, test_size MRPC test pairs + EWT test sentences; no shifted split, no sweep, triplet losses only.
+    "syntax": {"train_size": 600, "probe_size": 300, "test_size": 600, "max_length": 32, "ce_weight": 0.0,
+               "sweep_sparsities": [], "lr": 0.01},
 }
+for _setting in ("tweets", "reviews"):
+    SETTING_DEFAULTS[_setting].update({"ce_weight": 1.0, "sweep_sparsities": [0.5, 0.8], "lr": 0.1})
+NO_SHIFTED_SPLIT = ("syntax",)  # settings without a label correlation to shift (nor a shifted_size)
 SPLITS = ("train", "probe", "test", "shifted")
 
 
@@ -35,11 +42,12 @@ class DisentangleConfig(RunConfig):
     checkpoint_every: int = field(default=50, metadata=help_metadata("steps between checkpoints (0: only at the end)"))
     model: str = field(default="all-minilm-l6-v2", metadata=help_metadata(
         "encoder: a packaged model name, a local folder or a Hugging Face hub id"))
-    data: Literal["tweets", "reviews"] = field(default="tweets", metadata=help_metadata(
+    data: Literal["tweets", "reviews", "syntax"] = field(default="tweets", metadata=help_metadata(
         "two-factor data: tweets = Davidson toxicity x TwitterAAE dialect (the paper's setting 2); reviews = Pang & "
         "Lee sentence polarity x the aspect a sentence talks about (acting / story, keyword lexicon), an offline "
         "stand-in for the paper's setting 1, sentiment x genre of movie reviews (no genre-labelled review set is "
-        "packaged or downloaded)"))
+        "packaged or downloaded); syntax = the paper's setting 3, semantics (MRPC paraphrase pairs) x syntax "
+        "(UD English-EWT sentences of the same top-level dependency template), triplet losses only"))
     review_keywords: Literal["keep", "neutralise"] = field(default="keep", metadata=help_metadata(
         "--data reviews: keep the aspect lexicon's words in the text (the aspect is then decodable from word identity) "
         "or neutralise them (each replaced by 'thing' after labelling: the aspect must be inferred from context)"))
@@ -48,17 +56,20 @@ class DisentangleConfig(RunConfig):
     dialect_confidence: float = field(default=0.6, metadata=help_metadata(
         "AAE share of the AAE+White proportions needed for an AAE (or 1 - it for a White-aligned) label"))
     train_size: Optional[int] = field(default=None, metadata=help_metadata(
-        "training split size (masks, heads, robustness probes) (default: 600 tweets, 500 reviews)"))
+        "training split size (masks, heads, robustness probes) (default: 600 tweets, 500 reviews; syntax: 600 "
+        "paraphrase pairs and 600 EWT anchors)"))
     probe_size: Optional[int] = field(default=None, metadata=help_metadata(
-        "balanced split the leakage probes are trained on (default: 300 tweets, 250 reviews)"))
+        "balanced split the leakage probes are trained on (default: 300 tweets, 250 reviews; syntax: 300 MRPC dev "
+        "pairs, where the F1 threshold is picked, and 300 EWT dev sentences, the syntactic probe's training set)"))
     test_size: Optional[int] = field(default=None, metadata=help_metadata(
-        "balanced split the leakage probes are scored on (default: 300 tweets, 250 reviews)"))
+        "balanced split the leakage probes are scored on (default: 300 tweets, 250 reviews; syntax: 600 MRPC test "
+        "pairs and 600 EWT test sentences)"))
     shifted_size: Optional[int] = field(default=None, metadata=help_metadata(
-        "test split with the reversed factor correlation (default: 300 tweets, 250 reviews)"))
+        "test split with the reversed factor correlation (default: 300 tweets, 250 reviews; syntax: none)"))
     train_agreement: float = field(default=0.8, metadata=help_metadata(
         "fraction of training examples whose two factor labels agree (0.5: uncorrelated)"))
     max_length: Optional[int] = field(default=None, metadata=help_metadata(
-        "tokens per text, longer ones are cut (default: 24 tweets, 40 reviews)"))
+        "tokens per text, longer ones are cut (default: 24 tweets, 40 reviews, 32 syntax)"))
     batch_size: int = field(default=8, metadata=help_metadata("anchors per step (x 3 texts x K masks per forward)"))
     estimator: Literal["threshold_st", "hard_concrete", "gumbel_sigmoid_st"] = field(
         default="threshold_st", metadata=help_metadata("mask estimator (threshold_st: the paper's)"))
@@ -73,9 +84,13 @@ class DisentangleConfig(RunConfig):
     init_keep: float = field(default=0.55, metadata=help_metadata(
         "initial keep probability of every gate (near 0.5: the logits start near the threshold, so a few Adam steps "
         "can close a gate)"))
-    lr: float = field(default=0.1, metadata=help_metadata("Adam learning rate of the mask logits"))
+    lr: Optional[float] = field(default=None, metadata=help_metadata(
+        "Adam learning rate of the mask logits (default: 0.1 tweets and reviews, 0.01 syntax)"))
     head_lr: float = field(default=0.003, metadata=help_metadata("Adam learning rate of the classification heads"))
     triplet_weight: float = field(default=1.0, metadata=help_metadata("weight of the triplet loss"))
+    ce_weight: Optional[float] = field(default=None, metadata=help_metadata(
+        "weight of the heads' cross-entropy (default: 1 tweets and reviews; 0 syntax, whose factors have no class "
+        "labels: triplet losses only, as in the paper's setting 3)"))
     margin: float = field(default=1.0, metadata=help_metadata("triplet margin (Euclidean distance of pooled vectors)"))
     overlap_weight: float = field(default=0.0, metadata=help_metadata("weight of the mask-overlap penalty"))
     l0_weight: float = field(default=0.0, metadata=help_metadata("weight of each mask's expected density (L0)"))
@@ -83,8 +98,9 @@ class DisentangleConfig(RunConfig):
         "fraction of the masked layers' weights removed by magnitude pruning before masking"))
     prune_scope: Literal["global", "layer"] = field(default="global", metadata=help_metadata(
         "magnitude threshold over all masked layers together, or per layer"))
-    sweep_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8], metadata=help_metadata(
-        "pruning sparsities of the sparsity-vs-disentanglement curve (comma separated; empty: no sweep)"))
+    sweep_sparsities: Optional[list[float]] = field(default=None, metadata=help_metadata(
+        "pruning sparsities of the sparsity-vs-disentanglement curve (comma separated; empty: no sweep) (default: "
+        "0.5,0.8 tweets and reviews; syntax: none, the sweep is not implemented there)"))
     sweep_steps: int = field(default=200, metadata=help_metadata("mask-learning steps per sweep point"))
     adv_steps: int = field(default=300, metadata=help_metadata("full-batch steps of the adversarial baseline"))
     finetune_steps: int = field(default=100, metadata=help_metadata(
@@ -106,11 +122,16 @@ class DisentangleConfig(RunConfig):
         check(self.review_keywords in ("keep", "neutralise"), "review_keywords", "'keep' or 'neutralise'",
               self.review_keywords)
         check(self.data in SETTING_DEFAULTS, "data", f"one of {sorted(SETTING_DEFAULTS)}", self.data)
+        if self.data in NO_SHIFTED_SPLIT:
+            check(self.shifted_size is None, "shifted_size", f"unset for --data {self.data} (no shifted split)",
+                  self.shifted_size)
+            check(not self.sweep_sparsities, "sweep_sparsities",
+                  f"empty for --data {self.data} (the pruning sweep is not implemented there)", self.sweep_sparsities)
         for name, value in SETTING_DEFAULTS[self.data].items():  # the setting's defaults for the fields left None
             if getattr(self, name) is None:
-                setattr(self, name, value)
-        for name in ("train_size", "probe_size", "test_size", "shifted_size", "max_length", "batch_size",
-                     "eval_batch", "adv_steps", "sweep_steps"):
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+        sizes = ("train_size", "probe_size", "test_size") + (() if self.data in NO_SHIFTED_SPLIT else ("shifted_size",))
+        for name in sizes + ("max_length", "batch_size", "eval_batch", "adv_steps", "sweep_steps"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, "an int >= 1", value)
         check(isinstance(self.top_blocks, int) and self.top_blocks >= 0, "top_blocks", "an int >= 0",
@@ -124,7 +145,7 @@ class DisentangleConfig(RunConfig):
         for name in ("lr", "head_lr", "margin", "finetune_lr"):
             check(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "a finite number > 0",
                   getattr(self, name))
-        for name in ("triplet_weight", "overlap_weight", "l0_weight", "adv_lambda", "probe_l2"):
+        for name in ("triplet_weight", "ce_weight", "overlap_weight", "l0_weight", "adv_lambda", "probe_l2"):
             check(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0",
                   getattr(self, name))
         check(0 <= self.prune_sparsity < 1, "prune_sparsity", "a fraction in [0, 1)", self.prune_sparsity)
@@ -133,4 +154,4 @@ class DisentangleConfig(RunConfig):
         return self
 
 
-__all__ = ["EXPERIMENT", "ESTIMATORS", "SETTING_DEFAULTS", "SPLITS", "DisentangleConfig"]
+__all__ = ["EXPERIMENT", "ESTIMATORS", "SETTING_DEFAULTS", "NO_SHIFTED_SPLIT", "SPLITS", "DisentangleConfig"]

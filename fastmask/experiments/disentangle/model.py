@@ -16,7 +16,8 @@ import fastmask as fm
 
 from ..blocks import EncodedTexts, TopBlocks, block_index, block_list, top_blocks
 from ..pretrained import load_model
-from ..runner import BatchStream, seed_everything
+from ... import distributed as fmd
+from ..runner import BatchStream, TrainState, seed_everything
 from .config import SPLITS, DisentangleConfig
 
 
@@ -147,21 +148,27 @@ def step_loss(model: DisentangleModel, data: EncodedTexts, labels, sampler, anch
     triplets are drawn for all ``anchors`` (the global batch, so every rank draws the one-process run's triplets),
     this rank keeps every ``world``-th from ``rank`` and weights its per-anchor means by ``share`` (its anchors x
     world / all anchors: the ranks' gradients then average to the global mean)."""
+    # A sampler may map the batch's anchor slots to other rows per factor (``anchor_rows``: setting 3's semantic
+    # anchors are MRPC sentences, its syntactic ones EWT sentences); the two-factor settings' anchors are the rows.
     rows, mine = [], list(anchors)[rank::world]
     for k in range(model.n_masks):
         positives, negatives = sampler.sample(anchors, k, step)
-        rows += mine + positives[rank::world] + negatives[rank::world]
+        own = sampler.anchor_rows(anchors, k) if hasattr(sampler, "anchor_rows") else list(anchors)
+        rows += own[rank::world] + positives[rank::world] + negatives[rank::world]
     z = model.grouped(*data.batch(rows, device))  # (K, 3B, hidden)
     b = len(mine)
     loss, row = 0.0, {}
     for k in range(model.n_masks):
         za, zp, zn = z[k, :b], z[k, b:2 * b], z[k, 2 * b:]
-        y = labels[mine, k].to(device)
-        ce = F.cross_entropy(model.heads[k](za), y) * share
+        ce = None
+        if config.ce_weight > 0:  # the heads' cross-entropy: off where the factors have no class labels (syntax)
+            ce = F.cross_entropy(model.heads[k](za), labels[mine, k].to(device)) * share
+            row[f"ce_{k}"] = ce.item()
         trip = triplet_loss(za, zp, zn, config.margin) * share
         density = fm.l0_penalty(model.encoder, mask=k, normalize=True)
-        loss = loss + ce + config.triplet_weight * trip + config.l0_weight * density
-        row.update({f"ce_{k}": ce.item(), f"triplet_{k}": trip.item(), f"density_{k}": density.item()})
+        loss = loss + (0.0 if ce is None else config.ce_weight * ce) + config.triplet_weight * trip \
+            + config.l0_weight * density
+        row.update({f"triplet_{k}": trip.item(), f"density_{k}": density.item()})
     if config.overlap_weight > 0:
         overlap = overlap_penalty(model.encoder)
         loss = loss + config.overlap_weight * overlap
@@ -206,6 +213,35 @@ def _masked_model(encoder, config: DisentangleConfig, n_classes, prune_sparsity:
     return DisentangleModel(encoder, n_classes, first), pruned
 
 
+def mask_training(run, model: DisentangleModel, optimizer, step_loss_module: nn.Module, n_anchors: int,
+                  config: DisentangleConfig, world: int):
+    """(TrainState, step_fn) of the mask training every setting runs: the masks' logits and the heads under
+    ``optimizer``, the anchors drawn by one BatchStream over ``n_anchors``, the state restored from ``run``'s newest
+    checkpoint (if any), ``step_loss_module`` (a StepLoss, DDP-replicated under torchrun after the restore) giving
+    each step's loss and logged row; under torchrun the logged values are the global ones (the ranks' weighted
+    values averaged)."""
+    streams = {"train": BatchStream(n_anchors, config.batch_size, config.seed)}
+    params = {name: layer.logits for name, layer in fm.masked_modules(model.encoder).items()}
+    params.update({f"heads.{name}": p for name, p in model.heads.named_parameters()})
+    state = TrainState(params=params, optimizer=optimizer, model=model.encoder, streams=streams)
+    run.restore(state)
+    if world > 1:
+        step_loss_module = fmd.replicate(step_loss_module)
+
+    def step_fn(step: int) -> dict:
+        fm.set_step(model.encoder, step)
+        loss, row = step_loss_module(streams["train"].next(), step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if world > 1:
+            values = fmd.mean_over_ranks(torch.tensor(list(row.values()), dtype=torch.float64))
+            row = dict(zip(row, values.tolist()))
+        return row
+
+    return state, step_fn
+
+
 def _optimizer(model: DisentangleModel, config: DisentangleConfig):
     return torch.optim.Adam([{"params": fm.mask_parameters(model.encoder), "lr": config.lr},
                              {"params": list(model.heads.parameters()), "lr": config.head_lr}])
@@ -245,10 +281,13 @@ def adversarial_features(train_x, train_labels, factor: int, steps: int, strengt
 
 
 # --- the fine-tuned baseline --------------------------------------------------------------------------------
-def finetuned_features(config: DisentangleConfig, encoded: dict, labels: dict, factor: int, n_classes, device) -> dict:
+def finetuned_features(config: DisentangleConfig, encoded: dict, labels: dict, factor: int, n_classes, device,
+                       sampler=None, splits=SPLITS) -> dict:
     """The fine-tuned baseline for ``factor``: a fresh copy of the encoder whose masked blocks (the top
     ``top_blocks``; every block for 0) are fine-tuned with a linear head on the training split's labels of
-    ``factor`` (cross-entropy, Adam, ``finetune_steps`` batches of ``batch_size``). {split: pooled features}."""
+    ``factor`` (cross-entropy, Adam, ``finetune_steps`` batches of ``batch_size``). With a ``sampler`` (setting 3,
+    no class labels: ``labels`` unused) the loss is instead the triplet loss of ``factor``'s triplets, batches of
+    its anchor slots. {split in ``splits``: pooled features}."""
     seed_everything(config.seed + factor)
     encoder, _, _ = _load_encoder(config, device)
     first = top_blocks(encoder, config.top_blocks, "top_blocks")[2]
@@ -260,16 +299,23 @@ def finetuned_features(config: DisentangleConfig, encoded: dict, labels: dict, f
         p.requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": trained, "lr": config.finetune_lr},
                                   {"params": list(model.heads[factor].parameters()), "lr": config.head_lr}])
-    stream = BatchStream(len(encoded["train"]), config.batch_size, config.seed + factor)
-    for _ in range(config.finetune_steps):
+    n = len(sampler) if sampler is not None else len(encoded["train"])
+    stream = BatchStream(n, config.batch_size, config.seed + factor)
+    for step in range(config.finetune_steps):
         anchors = stream.next()
-        z = model.pooled(*encoded["train"].batch(anchors, device))
-        loss = F.cross_entropy(model.heads[factor](z), labels["train"][list(anchors), factor].to(device))
+        if sampler is None:
+            z = model.pooled(*encoded["train"].batch(anchors, device))
+            loss = F.cross_entropy(model.heads[factor](z), labels["train"][list(anchors), factor].to(device))
+        else:
+            positives, negatives = sampler.sample(anchors, factor, step)
+            rows = sampler.anchor_rows(anchors, factor) + positives + negatives
+            z = model.pooled(*encoded["train"].batch(rows, device)).view(3, len(anchors), -1)
+            loss = triplet_loss(z[0], z[1], z[2], config.margin)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return {s: _features(model.pooled, encoded[s], config.eval_batch, device) for s in SPLITS}
+    return {s: _features(model.pooled, encoded[s], config.eval_batch, device) for s in splits}
 
 
-__all__ = ["DisentangleModel", "mean_pool", "triplet_loss", "overlap_penalty", "keep_probability", "grad_reverse",
-           "magnitude_prune", "step_loss", "StepLoss", "adversarial_features", "finetuned_features"]
+__all__ = ["DisentangleModel", "mask_training", "mean_pool", "triplet_loss", "overlap_penalty", "keep_probability",
+           "grad_reverse", "magnitude_prune", "step_loss", "StepLoss", "adversarial_features", "finetuned_features"]

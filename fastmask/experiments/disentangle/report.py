@@ -46,8 +46,9 @@ def _plots(run: Run, history, metrics) -> None:
 def _setting_note(config: DisentangleConfig) -> str:
     if config.data == "reviews":
         return ("Genre is replaced by a keyword-built aspect label (see Data): the paper's sentiment x genre data are "
-                "not reachable offline; setting 3 (syntax vs semantics) is not done")
-    return "Only the toxicity x dialect setting here (`--data reviews`: a stand-in for sentiment x genre)"
+                "not reachable offline; setting 3 (syntax vs semantics) is `--data syntax`")
+    return ("Only the toxicity x dialect setting here (`--data reviews`: a stand-in for sentiment x genre; "
+            "`--data syntax`: semantics vs syntax)")
 
 
 def _data_paragraph(config: DisentangleConfig, metrics: dict) -> str:

@@ -19,6 +19,7 @@ from ..stats import ci_above, summarize
 from .config import DisentangleConfig
 from .evaluate import best_other
 from .seed_report import seed_plots, seeds_report_markdown
+from .syntax_report import syntax_aggregate, syntax_seeds_report_markdown
 
 # The per-seed figures summarised over the seeds (keys of a single run's metrics.json).
 SUMMARISED = ("leakage", "leakage_mlp", "own_minus_other", "own_minus_other_mlp", "disentanglement",
@@ -43,7 +44,7 @@ def _finished(config: DisentangleConfig, folder: Path):
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    points = len({config.prune_sparsity, *config.sweep_sparsities})
+    points = 0 if config.data == "syntax" else len({config.prune_sparsity, *config.sweep_sparsities})
     if metrics.get("seed") != config.seed or len(metrics.get("sweep", [])) != points:
         return None
     return metrics
@@ -129,10 +130,15 @@ def run_seeds(config: DisentangleConfig, run_one: Callable, *, resume: bool = Fa
             main = False
             continue
         done.append(metrics)
-        summary = aggregate(done, [m["seed"] for m in done])
+        if config.data == "syntax":  # setting 3 has its own figures (syntax_report.py)
+            summary = syntax_aggregate(done, [m["seed"] for m in done])
+            report = syntax_seeds_report_markdown(config, summary)
+        else:
+            summary = aggregate(done, [m["seed"] for m in done])
+            seed_plots(out, summary)
+            report = seeds_report_markdown(config, summary)
         atomic_write_text(out / "metrics.json", json.dumps(_json_safe(summary), indent=2) + "\n")
-        seed_plots(out, summary)
-        atomic_write_text(out / "report.md", seeds_report_markdown(config, summary))
+        atomic_write_text(out / "report.md", report)
     if not main:
         return {}
     print(f"fastmask: report over {len(done)} seeds: {(out / 'report.md').resolve()}")

@@ -14,18 +14,19 @@ from tqdm.auto import tqdm
 
 import fastmask as fm
 
-from ... import distributed as fmd
 from ..blocks import EncodedTexts, top_blocks
-from ..runner import (BatchStream, ConfigError, TrainState, add_config_arguments, open_run, resolve_device, run_cli,
+from ..runner import (BatchStream, ConfigError, add_config_arguments, open_run, resolve_device, run_cli,
                       seed_everything, weights_key)
 from .config import EXPERIMENT, SPLITS, DisentangleConfig
 from .data import TripletSampler, _load_splits
 from .evaluate import (_mask_features, _unmasked_features, disentanglement_score, leakage_table, own_minus_other,
                        zero_fraction)
 from .model import (StepLoss, _load_encoder, _masked_model, _optimizer, adversarial_features, finetuned_features,
+                    mask_training,
                     step_loss)
 from .report import _plots, report_markdown
 from .seeds import run_seeds
+from .syntax_run import run_syntax_seed
 
 
 # --- the run ------------------------------------------------------------------------------------------------
@@ -41,7 +42,10 @@ def _train_plain(model, optimizer, encoded_train, labels, sampler, stream, steps
 
 def run_one_seed(config: DisentangleConfig, *, resume: bool = False, overwrite: bool = False, log=None) -> dict:
     """Learn the K masks, evaluate them against the baselines, run the pruning sweep, write the results folder (one
-    seed, ``config.seed``; ``config.seeds`` is not looked at)."""
+    seed, ``config.seed``; ``config.seeds`` is not looked at). ``--data syntax``: setting 3's own run
+    (``syntax_run.run_syntax_seed``: other data, triplet losses only, other scores)."""
+    if config.data == "syntax":
+        return run_syntax_seed(config, resume=resume, overwrite=overwrite, log=log)
     # Data parallel under torchrun (as `fastmask run knowledge`): replicated masks and heads, DDP over a StepLoss
     # module, every rank the global batch's triplets and its share of them; rank 0 owns the folder, evaluates and
     # runs the sweep; the others stop after training.
@@ -73,26 +77,8 @@ def run_one_seed(config: DisentangleConfig, *, resume: bool = False, overwrite: 
     model.to(device)
     optimizer = _optimizer(model, config)
     sampler = TripletSampler(splits["train"].labels, seed=config.seed, mode=config.triplet_sampling)
-    streams = {"train": BatchStream(len(encoded["train"]), config.batch_size, config.seed)}
-    params = {name: layer.logits for name, layer in fm.masked_modules(model.encoder).items()}
-    params.update({f"heads.{name}": p for name, p in model.heads.named_parameters()})
-    state = TrainState(params=params, optimizer=optimizer, model=model.encoder, streams=streams)
-    run.restore(state)
-
     step_module = StepLoss(model, encoded["train"], labels["train"], sampler, config, device, rank, world)
-    if world > 1:
-        step_module = fmd.replicate(step_module)
-
-    def step_fn(step: int) -> dict:
-        fm.set_step(model.encoder, step)
-        loss, row = step_module(streams["train"].next(), step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if world > 1:  # the logged values are the global ones: the ranks' (weighted) values averaged
-            values = fmd.mean_over_ranks(torch.tensor(list(row.values()), dtype=torch.float64))
-            row = dict(zip(row, values.tolist()))
-        return row
+    state, step_fn = mask_training(run, model, optimizer, step_module, len(encoded["train"]), config, world)
 
     train_started = time.perf_counter()
     history = run.train(state, step_fn, show=("loss",))
