@@ -53,6 +53,8 @@ def test_config_file_then_flags_and_types(tmp_path, monkeypatch):
     config = _config(["--config", str(path), "--lr", "0.25", "--no-progress", "--tags", "x", "y"])
     assert config.lr == 0.25 and config.batch == 2 and config.steps == 7  # the flag wins over the file
     assert config.checkpoint_every == 3 and config.progress is False and config.tags == ["x", "y"]
+    assert _config(["--tags", "x,y"]).tags == ["x", "y"]  # comma separated
+    assert _config(["--tags", ""]).tags == []  # an empty string is the empty list
     assert config.out == str(Path("fastmask-runs") / "toy") and config.seed == 0
     yaml_path = tmp_path / "c.yaml"
     yaml_path.write_text("lr: 1e-3\nprogress: false\nseed: 5\n")  # YAML 1.1 reads 1e-3 as a string: coerced

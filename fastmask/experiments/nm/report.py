@@ -64,8 +64,8 @@ def report_markdown(config: NMConfig, metrics: dict) -> str:
     return f"""# Learned {config.n}:{config.m} masks on {metrics['model']}
 
 {config.n}:{config.m} sparsity on every attention and MLP projection ({metrics['masked_layers']} layers,
-{metrics['masked_weights']:,} weights): one-shot {' and '.join(config.priors)} masks against masks learned from
-{' and '.join(config.learn_from) or 'none'} of them
+{metrics['masked_weights']:,} weights): one-shot {' and '.join(config.priors)} masks against a mask learned from
+each of: {', '.join(config.learn_from) or 'none'}
 (MaskLLM-style Gumbel-softmax over the C({config.m}, {config.n}) patterns of every group of {config.m} input weights,
 logits initialised from the one-shot prior, strength {config.prior_strength}; temperature {config.temperature} ->
 {config.temperature_final}, scale {config.scale}, {'hard' if config.hard else 'soft'} masks, Adam lr {config.lr}).

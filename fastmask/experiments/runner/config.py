@@ -100,8 +100,10 @@ def _coerce(name: str, annotation, value: Any, where: str) -> Any:
             items = value.split(",") if isinstance(value, str) else value
             if not isinstance(items, (list, tuple)):
                 raise ConfigError(f"{name} ({where}) must be a list, got {value!r}")
-            # A flag's values (nargs="+") may be comma separated too: "--seeds 0,1,2" == "--seeds 0 1 2".
-            items = [part for item in items for part in (item.split(",") if isinstance(item, str) else [item])]
+            # A flag's values (nargs="+") may be comma separated too: "--seeds 0,1,2" == "--seeds 0 1 2"; an empty
+            # string is the empty list ("--sweep-sparsities ''").
+            items = [part for item in items for part in (item.split(",") if isinstance(item, str) else [item])
+                     if part != ""]
             item_types = typing.get_args(inner)
             item_type = item_types[0] if item_types else Any
             converted = [item if item_type is Any else _coerce(f"{name}[{i}]", item_type, item, where)
