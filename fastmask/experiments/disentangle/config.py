@@ -24,7 +24,12 @@ SETTING_DEFAULTS = {
                "sweep_sparsities": [], "lr": 0.01},
 }
 for _setting in ("tweets", "reviews"):
-    SETTING_DEFAULTS[_setting].update({"ce_weight": 1.0, "sweep_sparsities": [0.5, 0.8], "lr": 0.1})
+    SETTING_DEFAULTS[_setting].update({"ce_weight": 1.0, "sweep_sparsities": [0.5, 0.8]})
+# Mask lr: at 0.1 the first, still random Adam steps close about a third of the threshold_st gates (init keep 0.55)
+# before the heads learn anything, and in 2 of 3 tweets seeds the masks learned nothing; at 0.01 both tweets masks'
+# own - other intervals are above 0 over 5 seeds (docs/experiments/disentangle.md). Reviews: 0.1 not re-measured.
+SETTING_DEFAULTS["tweets"]["lr"] = 0.01
+SETTING_DEFAULTS["reviews"]["lr"] = 0.1
 NO_SHIFTED_SPLIT = ("syntax",)  # settings without a label correlation to shift (nor a shifted_size)
 SPLITS = ("train", "probe", "test", "shifted")
 
@@ -85,7 +90,7 @@ class DisentangleConfig(RunConfig):
         "initial keep probability of every gate (near 0.5: the logits start near the threshold, so a few Adam steps "
         "can close a gate)"))
     lr: Optional[float] = field(default=None, metadata=help_metadata(
-        "Adam learning rate of the mask logits (default: 0.1 tweets and reviews, 0.01 syntax)"))
+        "Adam learning rate of the mask logits (default: 0.01 tweets and syntax, 0.1 reviews)"))
     head_lr: float = field(default=0.003, metadata=help_metadata("Adam learning rate of the classification heads"))
     triplet_weight: float = field(default=1.0, metadata=help_metadata("weight of the triplet loss"))
     ce_weight: Optional[float] = field(default=None, metadata=help_metadata(
