@@ -78,7 +78,8 @@ def test_twin_equals_custom_op(monkeypatch, device, backend, route, layout, dtyp
 
 
 def test_routes_chosen_by_context():
-    """Plain eager tensors take the twin; FakeTensor tracing, torch.compile and disabled twins take the custom op;
+    """Plain eager tensors take the twin; autocast, FakeTensor tracing, torch.compile and disabled twins take the
+    custom op;
     the twin's backward is once-differentiable, like the custom op's (no double backward)."""
     x = torch.randn(4, 8, requires_grad=True)
     weight = torch.randn(6, 8)
@@ -89,6 +90,10 @@ def test_routes_chosen_by_context():
     (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
         gx.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast sees an op call and a Function's insides differently
+        assert not _common.eager_function(x, weight, logits, None)
+        y = fm.ops.masked_linear(x, weight, logits)
+        assert "unit_masked_linear" in y.grad_fn.name() and "Function" not in y.grad_fn.name()
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) for t in (x, weight, logits)]
         assert not _common.eager_function(*fake)

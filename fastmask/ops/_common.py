@@ -64,11 +64,14 @@ def eager_function(*tensors: Optional[torch.Tensor]) -> bool:
     runs the same implementation functions, so results are bit-identical. The custom op stays the route wherever
     something must see an opaque op: torch.compile / torch.export (is_compiling), FakeTensor and other tensor
     subclasses (DTensor shards of FSDP2: the sharding rules are registered for the ops), functorch transforms
-    (vmap, grad) and dispatch modes.
+    (vmap, grad), dispatch modes, and autocast regions (autocast treats an op call and the torch ops inside a
+    Function's forward differently: there the custom op keeps what earlier versions computed).
     """
     if not EAGER_FUNCTIONS or torch.compiler.is_compiling():
         return False
     if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return False
     return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
 
