@@ -226,6 +226,32 @@ _FUSED = "cpu" in backends_for("cpu") and fm.ops.nm._extension_has_nm_kernels()
 
 
 @pytest.mark.skipif(not _FUSED, reason="fastmask._C built without csrc/cpu/nm_kernels.cpp")
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("hard", [True, False])
+def test_fused_cpu_kernel_on_every_instruction_set(monkeypatch, isa, hard):
+    """The float32 training backward (vectorised exps) and the noise on the capped instruction-set paths: the same
+    picks and, within rounding, the same logits gradient as the torch composition (the detected path: the test
+    below)."""
+    from fastmask.ops import nm as nm_module
+
+    monkeypatch.setenv("FASTMASK_CPU_ISA", isa)
+    x, w, logits, bias = _inputs(13, 40, 4, 2, torch.float32, "out_in", tokens=(9,), seed=3)
+    kw = dict(n=2, m=4, seed=2, offset=5, training=True, hard=hard, temperature=0.7, scale=1.3)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(nm_module, "_fused_cpu", lambda device: False)
+        with fm.use_backend("cpu"):
+            ls = logits.float().clone().requires_grad_(True)
+            y = nm_masked_linear(x, w, ls, bias, **kw)
+            y.square().sum().backward()
+            results.append((y.detach(), ls.grad))
+    (y1, gl1), (y2, gl2) = results
+    torch.testing.assert_close(y1, y2, rtol=0 if hard else 1e-5, atol=0 if hard else 1e-5)
+    torch.testing.assert_close(gl1, gl2, rtol=1e-5, atol=1e-5 * gl2.abs().max().item())
+
+
+@pytest.mark.skipif(not _FUSED, reason="fastmask._C built without csrc/cpu/nm_kernels.cpp")
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (2, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])

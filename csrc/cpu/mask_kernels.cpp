@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../philox.h"
+#include "vec_math.h"
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 #define FASTMASK_X86_DISPATCH 1
@@ -481,6 +482,18 @@ FASTMASK_TARGET_AVX2 void gumbel_fill_avx2(uint64_t seed, uint64_t ctr, int64_t 
 FASTMASK_TARGET_AVX512 void gumbel_fill_avx512(uint64_t seed, uint64_t ctr, int64_t n, float* g) {
   gumbel_fill_body<kIsaAvx512>(seed, ctr, n, g);
 }
+#endif
+
+template <int kIsa>
+FASTMASK_INLINE void exp_body(const float* x, float* y, int64_t n) {
+  constexpr bool kFma = kIsa != kIsaScalar;
+  for (int64_t i = 0; i < n; ++i) y[i] = fast_exp<kFma>(x[i]);
+}
+
+void exp_f32_scalar(const float* x, float* y, int64_t n) { exp_body<kIsaScalar>(x, y, n); }
+#if FASTMASK_X86_DISPATCH
+FASTMASK_TARGET_AVX2 void exp_f32_avx2(const float* x, float* y, int64_t n) { exp_body<kIsaAvx2>(x, y, n); }
+FASTMASK_TARGET_AVX512 void exp_f32_avx512(const float* x, float* y, int64_t n) { exp_body<kIsaAvx512>(x, y, n); }
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -1017,6 +1030,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_grad_masked_weight_cpu(
 }
 
 }  // namespace
+
+ExpF32Fn exp_f32_kernel() {
+#if FASTMASK_X86_DISPATCH
+  switch (current_isa()) {
+    case kIsaAvx512: return exp_f32_avx512;
+    case kIsaAvx2: return exp_f32_avx2;
+    default: break;
+  }
+#endif
+  return exp_f32_scalar;
+}
+
 }  // namespace cpu
 }  // namespace fastmask
 
