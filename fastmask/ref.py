@@ -559,10 +559,16 @@ def nm_logits_shape(weight_shape: Sequence[int], m: int, weight_layout: str = "o
     return out_features, in_features // m
 
 
-def _gumbel_noise(shape, seed: int, offset: int, dtype, device) -> torch.Tensor:
-    """-log(-log u) of the clamped Philox noise (u clamped in float32, then the math in ``dtype``)."""
-    u = uniform_ref(shape, seed, offset, device=device).clamp(UNIFORM_EPS, 1.0 - UNIFORM_EPS).to(dtype)
+def gumbel_from_uniform(u: torch.Tensor, dtype) -> torch.Tensor:
+    """-log(-log u) of uniform noise u (float32), clamped to [UNIFORM_EPS, 1 - UNIFORM_EPS] in float32, then the
+    math in ``dtype``: the learned N:M masks' noise, whichever backend drew u."""
+    u = u.clamp(UNIFORM_EPS, 1.0 - UNIFORM_EPS).to(dtype)
     return -torch.log(-torch.log(u))
+
+
+def _gumbel_noise(shape, seed: int, offset: int, dtype, device) -> torch.Tensor:
+    """The Gumbel noise of ``uniform_ref(shape, seed, offset)``."""
+    return gumbel_from_uniform(uniform_ref(shape, seed, offset, device=device), dtype)
 
 
 def nm_soft_ref(logits, *, seed=0, offset=0, training=True, temperature=1.0, scale=1.0, noise=None):

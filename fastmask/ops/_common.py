@@ -76,6 +76,13 @@ def eager_function(*tensors: Optional[torch.Tensor]) -> bool:
     return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
 
 
+def asked_grads(needs_input_grad, grads) -> tuple:
+    """What an autograd backward returns: ``grads[i]`` where input i asked for a gradient, else None, then None for
+    every further input (the op's non-differentiable arguments)."""
+    asked = tuple(g if need else None for g, need in zip(grads, needs_input_grad))
+    return asked + (None,) * (len(needs_input_grad) - len(asked))
+
+
 def register_backward_op(forward_op, backward_op) -> None:
     """Autograd of ``forward_op(x, weight, logits, bias, *scalars)`` through ``backward_op(grad_out, x, weight,
     logits, has_bias, *scalars, needs_input_grad, needs_weight_grad) -> (grad_x, grad_weight, grad_logits,
@@ -90,11 +97,8 @@ def register_backward_op(forward_op, backward_op) -> None:
 
     def backward(ctx, grad_out):
         x, weight, logits = ctx.saved_tensors
-        needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
-        grad_x, grad_weight, grad_logits, grad_bias = backward_op(
-            grad_out, x, weight, logits, ctx.has_bias, *ctx.scalars, needs_x, needs_weight)
-        return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
-                (grad_logits if needs_logits else None), (grad_bias if needs_bias else None)) + \
-            (None,) * len(ctx.scalars)
+        needs_x, needs_weight = ctx.needs_input_grad[:2]
+        grads = backward_op(grad_out, x, weight, logits, ctx.has_bias, *ctx.scalars, needs_x, needs_weight)
+        return asked_grads(ctx.needs_input_grad, grads)
 
     forward_op.register_autograd(backward, setup_context=setup_context)

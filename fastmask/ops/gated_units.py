@@ -26,7 +26,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import ref
 from ._backend import resolve
-from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, eager_function, make_params
+from ._common import (DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, asked_grads, default_beta, eager_function,
+                      make_params)
 from ._composed import matmul_acc
 from ._modes import refuse_nan
 from ._validate import check_float_tensor, check_index_values, check_same_device
@@ -122,11 +123,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, logits = ctx.saved_tensors
-    needs_x, needs_logits, needs_bias = ctx.needs_input_grad[:3]
-    grad_x, grad_logits, grad_bias = _gated_units_backward_op(grad_out, x, logits, ctx.has_bias, *ctx.scalars,
-                                                              needs_x)
-    return ((grad_x if needs_x else None), (grad_logits if needs_logits else None),
-            (grad_bias if needs_bias else None)) + (None,) * len(ctx.scalars)
+    grads = _gated_units_backward_op(grad_out, x, logits, ctx.has_bias, *ctx.scalars, ctx.needs_input_grad[0])
+    return asked_grads(ctx.needs_input_grad, grads)
 
 
 _gated_units_op.register_autograd(_backward, setup_context=_setup_context)
@@ -148,10 +146,8 @@ class _GatedUnitsFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, logits, gates = ctx.saved_tensors
         has_bias, group, params = ctx.config
-        needs_x, needs_logits, needs_bias = ctx.needs_input_grad[:3]
-        grad_x, grad_logits, grad_bias = _gated_grads(grad_out, x, logits, gates, has_bias, group, params, needs_x)
-        return ((grad_x if needs_x else None), (grad_logits if needs_logits else None),
-                (grad_bias if needs_bias else None), None, None)
+        grads = _gated_grads(grad_out, x, logits, gates, has_bias, group, params, ctx.needs_input_grad[0])
+        return asked_grads(ctx.needs_input_grad, grads)
 
 
 def gated_units(x: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor] = None, *, group: int = 1,
@@ -297,12 +293,10 @@ def _unit_setup_context(ctx, inputs, output):
 
 def _unit_backward(ctx, grad_out, _grad_y_pre):
     x, weight, logits, y_pre, token_mask = ctx.saved_tensors
-    needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
-    grad_x, grad_weight, grad_logits, grad_bias = _unit_masked_linear_backward_op(
-        grad_out, x, weight, logits, y_pre, ctx.has_bias, token_mask, *ctx.scalars, needs_x, needs_weight)
-    return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
-            (grad_logits if needs_logits else None), (grad_bias if needs_bias else None), None) \
-        + (None,) * len(ctx.scalars)
+    needs_x, needs_weight = ctx.needs_input_grad[:2]
+    grads = _unit_masked_linear_backward_op(grad_out, x, weight, logits, y_pre, ctx.has_bias, token_mask,
+                                            *ctx.scalars, needs_x, needs_weight)
+    return asked_grads(ctx.needs_input_grad, grads)
 
 
 _unit_masked_linear_op.register_autograd(_unit_backward, setup_context=_unit_setup_context)
@@ -326,12 +320,10 @@ class _UnitMaskedLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, logits, y_pre, gates, token_mask = ctx.saved_tensors
         has_bias, gate_outputs, group, weight_layout, params = ctx.config
-        needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
-        grad_x, grad_weight, grad_logits, grad_bias = _unit_grads(
-            grad_out, x, weight, logits, y_pre, gates, has_bias, token_mask, gate_outputs, group, weight_layout,
-            params, needs_x, needs_weight)
-        return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
-                (grad_logits if needs_logits else None), (grad_bias if needs_bias else None)) + (None,) * 5
+        needs_x, needs_weight = ctx.needs_input_grad[:2]
+        grads = _unit_grads(grad_out, x, weight, logits, y_pre, gates, has_bias, token_mask, gate_outputs, group,
+                            weight_layout, params, needs_x, needs_weight)
+        return asked_grads(ctx.needs_input_grad, grads)
 
 
 def unit_masked_linear(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, bias: Optional[torch.Tensor],

@@ -29,7 +29,7 @@ import torch
 
 from .. import ref
 from ._backend import resolve
-from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, make_params
+from ._common import DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, asked_grads, default_beta, make_params
 from ._composed import TokenGroups
 from ._modes import refuse_nan
 from ._validate import check_grouped_masked_linear, check_index_values
@@ -112,12 +112,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, weight, logits, index = ctx.saved_tensors
-    needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
-    grad_x, grad_weight, grad_logits, grad_bias = _grouped_masked_linear_backward_op(
-        grad_out, x, weight, logits, ctx.has_bias, index, *ctx.scalars, needs_x, needs_weight)
-    return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
-            (grad_logits if needs_logits else None), (grad_bias if needs_bias else None), None) \
-        + (None,) * len(ctx.scalars)
+    needs_x, needs_weight = ctx.needs_input_grad[:2]
+    grads = _grouped_masked_linear_backward_op(grad_out, x, weight, logits, ctx.has_bias, index, *ctx.scalars,
+                                               needs_x, needs_weight)
+    return asked_grads(ctx.needs_input_grad, grads)
 
 
 _grouped_masked_linear_op.register_autograd(_backward, setup_context=_setup_context)

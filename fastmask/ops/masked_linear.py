@@ -24,8 +24,8 @@ from torch.autograd.function import once_differentiable
 from .. import ref
 from ..ref import flatten_tokens, unit_axis
 from ._backend import resolve
-from ._common import (DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, default_beta, eager_function, make_params,
-                      register_backward_op)
+from ._common import (DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_ZETA, asked_grads, default_beta, eager_function,
+                      make_params, register_backward_op)
 from ._composed import matmul_acc
 from ._modes import MEMORY_POLICIES, memory_policy_for, refuse_nan
 from ._validate import check_choice
@@ -183,11 +183,10 @@ class _MaskedLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, logits = ctx.saved_tensors
         has_bias, weight_layout, block, params = ctx.config
-        needs_x, needs_weight, needs_logits, needs_bias = ctx.needs_input_grad[:4]
-        grad_x, grad_weight, grad_logits, grad_bias = _recompute_grads(
-            grad_out, x, weight, logits, has_bias, weight_layout, block, params, needs_x, needs_weight)
-        return ((grad_x if needs_x else None), (grad_weight if needs_weight else None),
-                (grad_logits if needs_logits else None), (grad_bias if needs_bias else None), None, None, None)
+        needs_x, needs_weight = ctx.needs_input_grad[:2]
+        grads = _recompute_grads(grad_out, x, weight, logits, has_bias, weight_layout, block, params, needs_x,
+                                 needs_weight)
+        return asked_grads(ctx.needs_input_grad, grads)
 
 
 class _MaskedLinearKeepFunction(torch.autograd.Function):

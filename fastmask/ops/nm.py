@@ -93,8 +93,7 @@ def _fused_cpu(device: torch.device) -> bool:
 def _gumbel(logits: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
     """The Gumbel noise of every logit from the backend's uniform (the same bits as ref.uniform_ref)."""
     u = resolve(logits.device).uniform(tuple(logits.shape), seed, offset, logits.device)
-    u = u.clamp(ref.UNIFORM_EPS, 1.0 - ref.UNIFORM_EPS).to(ref.compute_dtype(logits))
-    return -torch.log(-torch.log(u))
+    return ref.gumbel_from_uniform(u, ref.compute_dtype(logits))
 
 
 def _fused_gumbel(logits: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
