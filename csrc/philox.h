@@ -1,6 +1,7 @@
 // Philox4x32-10 noise and the gate math of every estimator, shared by the C++ CPU and CUDA kernels.
-// Bit-exact with fastmask/ref.py and Triton's tl.rand(seed, offset): key = (lo32(seed), hi32(seed)),
-// counter = (lo32(n), hi32(n), 0, 0), first output word, then Triton's uint -> float conversion.
+// Bit-exact with fastmask/ref.py (NOISE) and Triton: stream position p is word p % 4 of Philox4x32-10 with
+// key = (lo32(seed), hi32(seed)) and counter = (lo32(p / 4), hi32(p / 4), 0, 0) (tl.randint4x(seed, p / 4)),
+// then Triton's uint -> float conversion. One Philox call gives four consecutive positions.
 // Everything here is FASTMASK_HD (host and device) and header-only so both compilers inline it.
 #pragma once
 
@@ -34,8 +35,12 @@ FASTMASK_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// First output word of Philox4x32-10 for counter n (64 bits) and the 64-bit seed.
-FASTMASK_HD uint32_t philox_first_word(uint64_t seed, uint64_t n) {
+// The four output words of Philox4x32-10 for counter n (64 bits) and the 64-bit seed.
+struct PhiloxWords {
+  uint32_t w[4];
+};
+
+FASTMASK_HD PhiloxWords philox_words(uint64_t seed, uint64_t n) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   uint32_t c0 = static_cast<uint32_t>(n), c1 = static_cast<uint32_t>(n >> 32), c2 = 0, c3 = 0;
 #pragma unroll
@@ -49,7 +54,7 @@ FASTMASK_HD uint32_t philox_first_word(uint64_t seed, uint64_t n) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  return PhiloxWords{{c0, c1, c2, c3}};
 }
 
 // Triton's uint_to_uniform_float: read as int32, fold negatives with ~x, scale; the product is one rounding
@@ -64,15 +69,22 @@ FASTMASK_HD float uint32_to_uniform(uint32_t word) {
 #endif
 }
 
-FASTMASK_HD float philox_uniform(uint64_t seed, uint64_t n) {
-  return uint32_to_uniform(philox_first_word(seed, n));
+// Word k (0..3) of a call, by selects: no dynamically indexed local array (local memory on a GPU).
+FASTMASK_HD uint32_t philox_word(const PhiloxWords& words, uint32_t k) {
+  return k == 0 ? words.w[0] : (k == 1 ? words.w[1] : (k == 2 ? words.w[2] : words.w[3]));
+}
+
+// Uniform noise at stream position p. Kernels that walk positions in order should call philox_words once per
+// quad instead (this runs a whole Philox call for one position).
+FASTMASK_HD float philox_uniform(uint64_t seed, uint64_t p) {
+  return uint32_to_uniform(philox_word(philox_words(seed, p >> 2), static_cast<uint32_t>(p & 3)));
 }
 
 // Estimator parameters, passed by value to kernels.
 struct GateParams {
   int64_t estimator;
   uint64_t seed;
-  uint64_t offset;  // noise of logit j is philox_uniform(seed, offset + j)
+  uint64_t offset;  // noise of logit j is philox_uniform(seed, offset + j): stream position offset + j
   double beta;      // temperature of hard_concrete and gumbel_sigmoid_st
   double gamma;     // hard_concrete stretch interval (gamma, zeta)
   double zeta;

@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import hf, io
 from .assets import atomic_write_text
 from .nn.masked_linear import masked_layers
+from .ref import NOISE, NOISE_FIRST_WORD
 
 # How long a collective waits for the other ranks before it fails (a rank that died must not hang the others).
 DEFAULT_TIMEOUT_S = 300
@@ -184,7 +185,8 @@ def save_checkpoint(folder, model: nn.Module, optimizer: torch.optim.Optimizer, 
     if rank() == 0:
         counters = {name: [int(layer.step), bool(layer.auto_step)]
                     for name, layer in masked_layers(_inner(model)).items()}
-        meta = {"format": "fastmask.distributed_checkpoint", "version": 1, "step": int(step),
+        # version 2: "noise" (the noise definition the masks drew; version 1 checkpoints drew NOISE_FIRST_WORD)
+        meta = {"format": "fastmask.distributed_checkpoint", "version": 2, "noise": NOISE, "step": int(step),
                 "world_size": world_size(), "noise_counters": counters, "extra": extra or {}}
         atomic_write_text(staging / CHECKPOINT_META, json.dumps(meta, indent=1) + "\n")
         if folder.exists():
@@ -204,6 +206,11 @@ def load_checkpoint(folder, model: nn.Module, optimizer: torch.optim.Optimizer) 
         raise FileNotFoundError(f"fastmask.distributed.load_checkpoint: {folder} holds no {CHECKPOINT_META} (not a "
                                 f"checkpoint, or one whose writing did not finish)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    noise = meta.setdefault("noise", NOISE_FIRST_WORD)
+    if noise != NOISE:
+        warnings.warn(f"fastmask.distributed.load_checkpoint: {folder} was written while the masks drew the noise "
+                      f"{noise!r} (an older fastmask); training continued from it draws {NOISE!r}, so it is not the "
+                      f"run the checkpoint came from", stacklevel=2)
     inner = _inner(model)
     model_state, optim_state = get_state_dict(inner, optimizer, options=_STATE_OPTIONS)
     state = {"model": model_state, "optim": optim_state}

@@ -6,10 +6,15 @@ vectorised (no Python loops over elements).
 
 Conventions shared by every backend (see DESIGN.md):
 
-* Noise: element ``i`` (row-major flat index) of ``uniform(shape, seed, offset)`` is Triton's
-  ``tl.rand(seed, offset + i)``: Philox4x32-10 with key ``(seed & 0xffffffff, seed >> 32)`` and counter
-  ``(lo32(offset + i), hi32(offset + i), 0, 0)``; the first output word ``w`` is read as int32,
-  ``x = w if w >= 0 else ~w``, and ``u = float32(x) * float32(4.6566127342e-10)``, so ``u`` lies in [0, 1).
+* Noise (``NOISE``, "philox4x32-10/4-words"): element ``i`` (row-major flat index) of ``uniform(shape, seed,
+  offset)`` is position ``p = offset + i`` of one stream: word ``p % 4`` of Philox4x32-10 with key
+  ``(seed & 0xffffffff, seed >> 32)`` and counter ``(lo32(p // 4), hi32(p // 4), 0, 0)`` (Triton's
+  ``tl.randint4x(seed, p // 4)``), read as int32, ``x = w if w >= 0 else ~w``, and
+  ``u = float32(x) * float32(4.6566127342e-10)`` (``tl.rand``'s conversion), so ``u`` lies in [0, 1). One Philox
+  call gives four consecutive positions. The noise depends on the absolute position, not on ``offset`` and ``i``
+  apart, so a grid at ``offset`` is the slice [offset, offset + n) of the stream and stacks, splits and offsets
+  compose. Files written before fastmask 0.2 used "philox4x32-10/first-word" (``tl.rand(seed, p)``: the first
+  word of counter p, one Philox call per position): ``uniform_ref(..., noise="philox4x32-10/first-word")``.
 * Gates: a logits tensor is a 2-D grid over the weight (in the weight's own layout). Weight element ``(r, c)``
   is gated by logit ``(r // bh, c // bw)`` where ``block = (bh, bw)``; per-weight masks are ``block = (1, 1)``,
   output units ``(1, C)``, input units ``(R, 1)``, heads ``(R, head_dim)``, a whole layer ``(R, C)``.
@@ -56,7 +61,9 @@ __all__ = [
     "compute_dtype",
     "apply_gates",
     "UNIFORM_EPS",
-    "philox_first_word",
+    "NOISE",
+    "NOISES",
+    "philox_words",
     "uniform_ref",
     "gate_ref",
     "gate_backward_ref",
@@ -88,6 +95,11 @@ __all__ = [
 # Noise is clamped to [UNIFORM_EPS, 1 - UNIFORM_EPS] before logit(u): u can be exactly 0 (probability 2^-31).
 UNIFORM_EPS = 1e-6
 
+# The noise definitions (module docstring): NOISE is what every backend draws; mask files and checkpoints record it.
+NOISE = "philox4x32-10/4-words"
+NOISE_FIRST_WORD = "philox4x32-10/first-word"  # fastmask < 0.2 (mask format 1, checkpoint format <= 2)
+NOISES = (NOISE, NOISE_FIRST_WORD)
+
 # Philox4x32 constants (Salmon et al. 2011; identical to triton.language.random).
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
@@ -95,6 +107,8 @@ _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_ROUNDS = 10
 _MASK32 = 0xFFFFFFFF
+_MASK64 = 2**64 - 1
+_COUNTER_MASK = 2**62 - 1  # quad counters of 64-bit positions: p >> 2 < 2**62
 # Triton's uint_to_uniform_float scale: the largest float32 s with (2^31 - 1) * s < 1.
 _UINT_TO_FLOAT_SCALE = 4.6566127342e-10
 
@@ -113,10 +127,11 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi & _MASK32, lo & _MASK32
 
 
-def philox_first_word(seed: int, counters: torch.Tensor) -> torch.Tensor:
-    """First output word of Philox4x32-10 for key ``seed`` and counters ``(lo32(n), hi32(n), 0, 0)``.
+def philox_words(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four output words of Philox4x32-10 for key ``seed`` and counters ``(lo32(n), hi32(n), 0, 0)``.
 
-    ``counters`` is an int64 tensor of 64-bit counter values n (non-negative); returns uint32 values in int64.
+    ``counters`` is an int64 tensor of 64-bit counter values n (non-negative); returns four tensors of uint32 values
+    held in int64 (Triton's ``tl.randint4x`` order).
     """
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     c0 = counters & _MASK32
@@ -129,7 +144,7 @@ def philox_first_word(seed: int, counters: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
 
 
 def _uint32_to_uniform(words: torch.Tensor) -> torch.Tensor:
@@ -139,11 +154,26 @@ def _uint32_to_uniform(words: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * torch.tensor(_UINT_TO_FLOAT_SCALE, dtype=torch.float32, device=words.device)
 
 
-def uniform_ref(shape: Sequence[int], seed: int, offset: int = 0, device=None) -> torch.Tensor:
-    """Counter-based uniform noise in [0, 1), float32; element i is ``tl.rand(seed, offset + i)``."""
-    numel = math.prod(shape)
-    counters = torch.arange(numel, dtype=torch.int64, device=device) + offset
-    return _uint32_to_uniform(philox_first_word(seed, counters)).reshape(tuple(shape))
+def _stream_words(seed: int, offset: int, n: int, device, noise: str) -> torch.Tensor:
+    """The 32-bit words of stream positions offset .. offset + n - 1 (uint64 arithmetic: a position past 2**64
+    wraps, as in the C++ kernels) under the definition ``noise``, as an int64 tensor."""
+    if noise == NOISE:
+        # One Philox call per quad of positions, over the quads the positions touch.
+        lead = offset & 3
+        quads = (lead + n + 3) // 4
+        counters = ((offset & _MASK64) >> 2) + torch.arange(quads, dtype=torch.int64, device=device)
+        words = torch.stack(philox_words(seed, counters & _COUNTER_MASK), dim=1).flatten()
+        return words[lead:lead + n]
+    if noise == NOISE_FIRST_WORD:
+        return philox_words(seed, torch.arange(n, dtype=torch.int64, device=device) + offset)[0]
+    raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+
+
+def uniform_ref(shape: Sequence[int], seed: int, offset: int = 0, device=None, *, noise: str = None) -> torch.Tensor:
+    """Counter-based uniform noise in [0, 1), float32: element i is stream position ``offset + i`` (see ``NOISE``
+    in the module docstring); ``noise`` picks a definition of ``NOISES`` (default: the current one)."""
+    words = _stream_words(seed, offset, math.prod(shape), device, noise or NOISE)
+    return _uint32_to_uniform(words).reshape(tuple(shape))
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

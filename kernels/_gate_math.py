@@ -1,7 +1,9 @@
 """Shared gate math of the Triton kernels: Philox noise and the (gate, slope) pair of every estimator.
 
-Design: the noise of gate j (row-major flat index in the gate grid) is ``tl.rand(seed, offset + j)`` with an int64
-counter, exactly fastmask.ref.uniform_ref, so no kernel stores noise or masks: each one regenerates what it needs.
+Design: the noise of gate j (row-major flat index in the gate grid) is ``stream_uniform(seed, offset + j)``: word
+``p % 4`` of ``tl.randint4x(seed, p // 4)`` at the int64 stream position p, exactly fastmask.ref.uniform_ref, so no
+kernel stores noise or masks: each one regenerates what it needs. Kernels that walk positions in order
+(``uniform.py``) draw a quad per Philox call; the 2-D tiles of the fused kernels draw per position.
 The estimator, training/eval and inverse are constexprs (one compiled variant each); the float parameters travel
 as the int64 bit patterns of their float64 values, so float64 gradchecks see beta/gamma/zeta/tau unrounded.
 Limits: math runs in the dtype of ``l`` (float32, or float64); on GPUs log/exp/div are Triton's fast forms, so
@@ -83,16 +85,28 @@ def _log1p(x):
 
 
 @triton.jit
-def _gate_slope(l, seed, ctr, beta, gamma, zg, tau,
+def stream_uniform(seed, position):
+    """Uniform noise in [0, 1) at int64 stream positions (any shape): word position % 4 of Philox counter
+    position // 4 (fastmask.ref's NOISE), through tl.rand's uint -> float conversion."""
+    # (position >> 2) of the uint64 position: the mask undoes the sign bits an int64 position past 2**63 shifts in
+    w0, w1, w2, w3 = tl.randint4x(seed, (position >> 2) & 0x3FFFFFFFFFFFFFFF)
+    word = position & 3
+    bits = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+    return tl.random.uint_to_uniform_float(bits)
+
+
+@triton.jit
+def _gate_slope(l, seed, position, beta, gamma, zg, tau,
                 ESTIMATOR: tl.constexpr, TRAINING: tl.constexpr, INVERSE: tl.constexpr):
     """(z, dz/dl) of logits ``l`` (compute dtype, any shape) after ``inverse``.
 
-    l: logits, already in the compute dtype; seed: Philox key; ctr: int64 counters offset + j, shaped like l;
+    l: logits, already in the compute dtype; seed: Philox key; position: int64 stream positions offset + j, shaped
+    like l;
     beta, gamma, zg = zeta - gamma, tau: scalars in the compute dtype.
     """
     if ESTIMATOR == 0:  # hard_concrete
         if TRAINING:
-            u = tl.minimum(tl.maximum(tl.rand(seed, ctr), UNIFORM_EPS), 1.0 - UNIFORM_EPS).to(l.dtype)
+            u = tl.minimum(tl.maximum(stream_uniform(seed, position), UNIFORM_EPS), 1.0 - UNIFORM_EPS).to(l.dtype)
             noise = tl.log(u) - _log1p(-u)
             s = tl.sigmoid((noise + l) / beta)
             ds = s * (1.0 - s) / beta
@@ -104,7 +118,7 @@ def _gate_slope(l, seed, ctr, beta, gamma, zg, tau,
         slope = tl.where((s_bar > 0.0) & (s_bar < 1.0), zg * ds, 0.0)
     elif ESTIMATOR == 1:  # gumbel_sigmoid_st
         if TRAINING:
-            u = tl.minimum(tl.maximum(tl.rand(seed, ctr), UNIFORM_EPS), 1.0 - UNIFORM_EPS).to(l.dtype)
+            u = tl.minimum(tl.maximum(stream_uniform(seed, position), UNIFORM_EPS), 1.0 - UNIFORM_EPS).to(l.dtype)
             t = l + (tl.log(u) - _log1p(-u))
             s = tl.sigmoid(t / beta)
             z = (t > 0.0).to(l.dtype)
@@ -119,7 +133,7 @@ def _gate_slope(l, seed, ctr, beta, gamma, zg, tau,
     else:  # bernoulli_st
         prob = tl.sigmoid(l)
         if TRAINING:
-            u = tl.rand(seed, ctr).to(l.dtype)
+            u = stream_uniform(seed, position).to(l.dtype)
             z = (u < prob).to(l.dtype)
         else:
             z = (l > 0.0).to(l.dtype)
@@ -138,8 +152,7 @@ def _grid_gate_slope(logits_ptr, flat, mask, seed, offset, beta, gamma, zg, tau,
     logits_ptr: contiguous gate grid; flat: int32 flat indices; mask: which entries are real; seed/offset: the
     noise stream; beta..tau: scalars in COMPUTE."""
     l = tl.load(logits_ptr + flat, mask=mask, other=0.0).to(COMPUTE)
-    ctr = flat.to(tl.int64) + offset
-    return _gate_slope(l, seed, ctr, beta, gamma, zg, tau, ESTIMATOR, TRAINING, INVERSE)
+    return _gate_slope(l, seed, flat.to(tl.int64) + offset, beta, gamma, zg, tau, ESTIMATOR, TRAINING, INVERSE)
 
 
 @triton.jit

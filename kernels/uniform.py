@@ -1,9 +1,11 @@
 """Triton kernel of fastmask.ops.uniform: counter-based Philox noise.
 
-Design: one elementwise kernel; element j is tl.rand(seed, offset + j) with the counter in int64, which is the
-definition in fastmask/ref.py (uniform_ref), so the bits equal the reference, the C++/CUDA backends and every
-fused kernel that regenerates the same noise.
-Limits: float32 output only; offset + j must stay below 2**63 (it wraps like the reference otherwise).
+Design: one elementwise kernel over the stream positions [offset, offset + n); position p is word p % 4 of
+tl.randint4x(seed, p // 4), the definition in fastmask/ref.py (uniform_ref), so the bits equal the reference, the
+C++/CUDA backends and every fused kernel that regenerates the same noise. Each program runs QUADS Philox calls on
+aligned quads of positions (the first quad starts at offset rounded down to a multiple of 4) and uses all four
+words of each call; the positions before offset or past the end are masked off.
+Limits: float32 output only; offset + n must stay below 2**63.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import triton.language as tl
 
 from ._gate_math import device_guard
 
-_BLOCK = 1024
+_QUADS = 256
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -24,24 +26,28 @@ def _uniform_kernel(
     out_ptr,  # float32 output, contiguous, n elements
     n,  # number of elements
     seed,  # Philox key (int, < 2**63)
-    offset,  # counter of element 0 (int, < 2**63)
-    BLOCK: tl.constexpr,  # elements per program
+    offset,  # stream position of element 0 (int, < 2**63)
+    QUADS: tl.constexpr,  # Philox calls (quads of positions) per program
 ):
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < n
-    u = tl.rand(seed, j + offset)
-    tl.store(out_ptr + j, u, mask=mask)
+    counters = (offset >> 2) + tl.program_id(0).to(tl.int64) * QUADS + tl.arange(0, QUADS)
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    # interleave(interleave(w0, w2), interleave(w1, w3)) = w0[0], w1[0], w2[0], w3[0], w0[1], ...: positions in order
+    words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+    u = tl.random.uint_to_uniform_float(words)
+    j = (offset >> 2) * 4 + tl.program_id(0).to(tl.int64) * (4 * QUADS) + tl.arange(0, 4 * QUADS) - offset
+    tl.store(out_ptr + j, u, mask=(j >= 0) & (j < n))
 
 
 def uniform(shape: tuple[int, ...], seed: int, offset: int, device) -> torch.Tensor:
-    """float32 noise of ``shape``: element i (row-major) is tl.rand(seed, offset + i); bit-exact with
+    """float32 noise of ``shape``: element i (row-major) is stream position offset + i; bit-exact with
     fastmask.ref.uniform_ref."""
     shape = tuple(int(s) for s in shape)
     out = torch.empty(shape, dtype=torch.float32, device=device)
     n = math.prod(shape)
     if n == 0:
         return out
-    block = _BLOCK if out.device.type == "cuda" else 256
+    quads = _QUADS if out.device.type == "cuda" else 64
+    positions = (int(offset) & 3) + n  # from the quad that holds position `offset`
     with device_guard(out):
-        _uniform_kernel[(triton.cdiv(n, block),)](out, n, int(seed), int(offset), BLOCK=block)
+        _uniform_kernel[(triton.cdiv(positions, 4 * quads),)](out, n, int(seed), int(offset), QUADS=quads)
     return out

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,25 @@ def test_a_rank_that_dies_ends_the_job_and_the_run_resumes_from_its_last_checkpo
     assert done.returncode == 0, done.stderr[-3000:]
     uninterrupted, resumed = _load(two, "gpt2_weight_fsdp"), _load(tmp_path, "gpt2_weight_fsdp")
     assert all(torch.equal(resumed[name], logits) for name, logits in uninterrupted.items())
+
+
+def test_a_checkpoint_of_the_old_noise_loads_with_a_warning(tmp_path):
+    """Version 1 checkpoints (no "noise") drew the first-word noise: the state loads, and the warning says that
+    training continued from it draws today's noise. One process: DCP without a process group."""
+    model = worker.masked_model("gpt2_weight_fsdp")
+    opt = torch.optim.Adam(fm.mask_parameters(model))
+    folder = fmd.save_checkpoint(tmp_path / "ckpt", model, opt, step=3)
+    meta_path = folder / fmd.CHECKPOINT_META
+    meta = json.loads(meta_path.read_text())
+    assert meta["version"] == 2 and meta["noise"] == fm.ref.NOISE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fmd.load_checkpoint(folder, model, opt)
+    del meta["noise"]
+    meta["version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="drew the noise 'philox4x32-10/first-word'"):
+        assert fmd.load_checkpoint(folder, model, opt)["step"] == 3
 
 
 def test_load_checkpoint_refuses_a_folder_without_its_metadata(tmp_path):

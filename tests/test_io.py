@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import fastmask as fm
+
 from fastmask.config import MaskConfig
 from fastmask.hf import apply, inverse, masked_modules, set_step
+from fastmask.nn.masked_linear import masked_layers
 from fastmask.io import export_pruned, load_masks, merge, read_mask_metadata, save_masks, unapply
 
 from test_hf import ARCHS, GRANULARITY, gpt2_config, load, output, randomize_logits, smollm2_dir  # noqa: F401
@@ -98,16 +102,20 @@ def test_load_refuses_newer_formats_and_mismatched_files(tmp_path):
     save_masks(apply(_gpt2(), MaskConfig(init_keep=0.5)), tmp_path / "b")
     meta_path = tmp_path / "a" / "mask_config.json"
     meta = json.loads(meta_path.read_text())
-    assert meta["format"] == "fastmask.masks" and meta["format_version"] == 1
+    assert meta["format"] == "fastmask.masks" and meta["format_version"] == 2 and meta["noise"] == fm.ref.NOISE
     assert meta["fingerprint"]["architecture"] == "GPT2LMHeadModel"
     assert meta["fingerprint"]["parameters"]["transformer.h.0.attn.c_attn.weight"] == [64, 192]
     assert len(meta["fingerprint"]["weights_sha256"]) == 64
-    meta["format_version"] = 2
+    meta["format_version"] = 3
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="format version 2.*upgrade fastmask"):
+    with pytest.raises(ValueError, match="format version 3.*upgrade fastmask"):
+        load_masks(_gpt2(), tmp_path / "a")
+    meta["format_version"], meta["noise"] = 2, "philox"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="names noise 'philox'"):
         load_masks(_gpt2(), tmp_path / "a")
     (tmp_path / "a" / "masks.safetensors").write_bytes((tmp_path / "b" / "masks.safetensors").read_bytes())
-    meta["format_version"] = 1
+    meta["format_version"], meta["noise"] = 2, fm.ref.NOISE
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="sha256 differs"):
         load_masks(_gpt2(), tmp_path / "a")
@@ -116,6 +124,30 @@ def test_load_refuses_newer_formats_and_mismatched_files(tmp_path):
         read_mask_metadata(tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="mask_config.json"):
         load_masks(_gpt2(), tmp_path / "missing")
+
+
+def test_format_1_files_load_with_a_warning_about_their_noise(tmp_path):
+    """Files of fastmask < 0.2 (format 1, no "noise") were trained with the first-word noise: their logits load
+    unchanged, and the warning says that continued training draws today's noise."""
+    model = apply(_gpt2(), MaskConfig())
+    with torch.no_grad():
+        for layer in masked_layers(model).values():
+            layer.logits.normal_()
+    save_masks(model, tmp_path)
+    meta_path = tmp_path / "mask_config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["noise"]
+    meta["format_version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    assert read_mask_metadata(tmp_path)["noise"] == fm.ref.NOISE_FIRST_WORD
+    with pytest.warns(UserWarning, match="philox4x32-10/first-word.*draws this fastmask's noise"):
+        loaded = load_masks(_gpt2(), tmp_path)
+    for name, layer in masked_layers(loaded).items():
+        assert torch.equal(layer.logits, masked_layers(model)[name].logits)
+    meta_path.write_text(json.dumps({**meta, "format_version": 2, "noise": fm.ref.NOISE}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # today's files: no warning
+        load_masks(_gpt2(), tmp_path)
 
 
 def test_files_are_safetensors_and_json_and_writes_are_atomic(tmp_path, monkeypatch):

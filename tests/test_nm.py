@@ -279,9 +279,9 @@ def test_fused_cpu_kernel_matches_the_composition(monkeypatch, n, m, dtype, layo
     (y1, gl1, gx1), (y2, gl2, gx2) = results
     if hard or not training:
         assert torch.equal(y1, y2) and torch.equal(gx1, gx2)
-    else:
-        torch.testing.assert_close(y1, y2)
-        torch.testing.assert_close(gx1, gx2)
+    else:  # soft masks: C(m, n) patterns summed in another order (70 for 4:8), so the bound scales with the values
+        for fused_out, composed in ((y1, y2), (gx1, gx2)):
+            torch.testing.assert_close(fused_out, composed, rtol=1.3e-6, atol=1e-5 * composed.abs().max().item())
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(gl1, gl2, rtol=tol, atol=tol * gl2.abs().max().item())
 

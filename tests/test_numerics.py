@@ -16,11 +16,12 @@ from conftest import assert_within_pytorch_error, device_backend_params
 ESTIMATORS = list(ref.ESTIMATORS)
 EXTREME = [-math.inf, -1e4, -88.0, -1e-3, 0.0, 1e-3, 88.0, 1e4, math.inf]
 
-# Found by scanning seed 0's stream with the C++ kernel (about 2^32 draws); the test re-derives them from the
-# reference, so it fails loudly if the Philox mapping ever changes.
+# Found by scanning the first words of seed 0's counters with the C++ kernel (about 2^32 draws); position 4c is
+# counter c's first word. The test re-derives them from the reference, so it fails loudly if the Philox mapping
+# ever changes.
 SEED = 0
-OFFSET_U_ZERO = 5145262111  # uniform(seed 0, offset + 0) == 0.0 exactly: log(u) would be -inf
-OFFSET_U_MAX = 9297664  # uniform(seed 0, offset + 0) == 1 - 2^-24, the largest value: log1p(-u) ~ -16.6
+OFFSET_U_ZERO = 4 * 5145262111  # uniform(seed 0, offset + 0) == 0.0 exactly: log(u) would be -inf
+OFFSET_U_MAX = 4 * 9297664  # uniform(seed 0, offset + 0) == 1 - 2^-24, the largest value: log1p(-u) ~ -16.6
 
 
 def test_the_extreme_noise_positions_are_what_they_claim():

@@ -3,6 +3,7 @@ bit-for-bit resume, also after SIGKILL of a running process (on the toy experime
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -197,6 +198,25 @@ def test_corrupt_checkpoints_are_reported_and_skipped(tmp_path):
     messages.clear()
     assert not Run(_config(["--out", str(out), "--resume"]), resume=True, log=messages.append).restore(_toy_state())
     assert "no valid checkpoint" in messages[-1]
+
+
+def test_checkpoints_of_the_old_noise_are_refused_with_the_reason(tmp_path):
+    """A checkpoint of fastmask < 0.2 (format 2, no "noise") drew the first-word noise: resuming it would continue
+    the masks on another stream, so the run stops with a message instead of silently mixing the two."""
+    from fastmask.experiments.runner.checkpoint import _canonical
+
+    out = tmp_path / "run"
+    assert runner_toy.main(["--out", str(out), "--steps", "3", "--checkpoint-every", "3", "--no-progress"]) == 0
+    (folder,) = runner.checkpoint_folders(out / "checkpoints")
+    meta = json.loads((folder / "state.json").read_text())
+    assert meta["version"] == 3 and meta["noise"] == "philox4x32-10/4-words" and meta["noise_counters"]
+    del meta["noise"], meta["json_sha256"]
+    meta["version"] = 2
+    meta["json_sha256"] = hashlib.sha256(_canonical(meta)).hexdigest()
+    (folder / "state.json").write_text(json.dumps(meta))
+    read_checkpoint(folder)  # intact: the refusal is not corruption, and no older checkpoint is tried instead
+    with pytest.raises(ConfigError, match="drew the noise 'philox4x32-10/first-word'.*new --out folder"):
+        Run(_config(["--out", str(out), "--resume"]), resume=True, log=lambda m: None).restore(_toy_state())
 
 
 def _toy_state():

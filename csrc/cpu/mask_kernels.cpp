@@ -92,18 +92,25 @@ Isa current_isa() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Philox: u[i] = philox_uniform(seed, ctr + i), bit-exact with philox.h on every path
+// Philox: u[i] = philox_uniform(seed, pos + i), bit-exact with philox.h on every path. The kernels below fill whole
+// quads: counter c gives the four stream positions 4c .. 4c + 3 (its four output words, in order).
 // ---------------------------------------------------------------------------------------------------------------
 
 constexpr uint32_t kPhiloxA = 0xD2511F53u, kPhiloxB = 0xCD9E8D57u;  // round multipliers
 constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;        // key increments
 constexpr float kUintToFloat = 4.6566127342e-10f;                   // Triton's uint -> [0, 1) scale
 
-// Portable loop over counters (c0 + i, c1) with c0 + n <= 2^32 (no carry); GCC auto-vectorises it.
-void philox_words_scalar(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c1_const, int64_t n,
+FASTMASK_INLINE float word_to_uniform(uint32_t word) {
+  int32_t x = static_cast<int32_t>(word);
+  x ^= (x >> 31);  // ~x for negative x: Triton's fold
+  return static_cast<float>(x) * kUintToFloat;
+}
+
+// Portable loop over counters (c0 + q, c1) for q < quads, with c0 + quads <= 2^32 (no carry); writes 4 * quads.
+void philox_quads_scalar(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c1_const, int64_t quads,
                          float* __restrict u) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t c0 = c0_start + static_cast<uint32_t>(i), c1 = c1_const, c2 = 0, c3 = 0, a0 = k0, a1 = k1;
+  for (int64_t q = 0; q < quads; ++q) {
+    uint32_t c0 = c0_start + static_cast<uint32_t>(q), c1 = c1_const, c2 = 0, c3 = 0, a0 = k0, a1 = k1;
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC unroll 10
 #endif
@@ -116,25 +123,48 @@ void philox_words_scalar(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c
       a0 += kKeyA;
       a1 += kKeyB;
     }
-    int32_t x = static_cast<int32_t>(c0);
-    x ^= (x >> 31);  // ~x for negative x: Triton's fold
-    u[i] = static_cast<float>(x) * kUintToFloat;
+    u[4 * q] = word_to_uniform(c0);
+    u[4 * q + 1] = word_to_uniform(c1);
+    u[4 * q + 2] = word_to_uniform(c2);
+    u[4 * q + 3] = word_to_uniform(c3);
   }
 }
 
 #if FASTMASK_X86_DISPATCH
+// Words (8 x 32 bits, counters c .. c + 7 in order) -> uniform floats.
+FASTMASK_TARGET_AVX2 FASTMASK_INLINE __m256 words_to_uniform_avx2(__m256i w) {
+  w = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(w), _mm256_set1_ps(kUintToFloat));
+}
+
+// Stores word j of counters c .. c + 7 (f[j], lane k = counter c + k) at u[4k + j]: a 4 x 4 transpose within each
+// 128-bit half, then the halves put in counter order.
+FASTMASK_TARGET_AVX2 FASTMASK_INLINE void store_quads_avx2(__m256 f0, __m256 f1, __m256 f2, __m256 f3,
+                                                           float* __restrict u) {
+  const __m256 t0 = _mm256_unpacklo_ps(f0, f1), t1 = _mm256_unpackhi_ps(f0, f1);  // (c0: w0 w1, c1: w0 w1 | c4, c5)
+  const __m256 t2 = _mm256_unpacklo_ps(f2, f3), t3 = _mm256_unpackhi_ps(f2, f3);  // the same for w2 w3
+  // 64-bit unpacks: counters (0|4), (1|5), (2|6), (3|7), each with its four words in order
+  const __m256d d0 = _mm256_castps_pd(t0), d1 = _mm256_castps_pd(t1);
+  const __m256d d2 = _mm256_castps_pd(t2), d3 = _mm256_castps_pd(t3);
+  const __m256 r0 = _mm256_castpd_ps(_mm256_unpacklo_pd(d0, d2)), r1 = _mm256_castpd_ps(_mm256_unpackhi_pd(d0, d2));
+  const __m256 r2 = _mm256_castpd_ps(_mm256_unpacklo_pd(d1, d3)), r3 = _mm256_castpd_ps(_mm256_unpackhi_pd(d1, d3));
+  _mm256_storeu_ps(u, _mm256_permute2f128_ps(r0, r1, 0x20));
+  _mm256_storeu_ps(u + 8, _mm256_permute2f128_ps(r2, r3, 0x20));
+  _mm256_storeu_ps(u + 16, _mm256_permute2f128_ps(r0, r1, 0x31));
+  _mm256_storeu_ps(u + 24, _mm256_permute2f128_ps(r2, r3, 0x31));
+}
+
 // The Philox state lives in 64-bit lanes (low 32 bits meaningful): _mul_epu32 then gives the full 32x32->64
 // product in one instruction and ignores the garbage that the xors leave in the high halves.
-FASTMASK_TARGET_AVX2 void philox_words_avx2(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c1_const,
-                                            int64_t n, float* __restrict u) {
+FASTMASK_TARGET_AVX2 void philox_quads_avx2(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c1_const,
+                                            int64_t quads, float* __restrict u) {
   const __m256i mul_a = _mm256_set1_epi64x(kPhiloxA), mul_b = _mm256_set1_epi64x(kPhiloxB);
   const __m256i even = _mm256_set_epi64x(6, 4, 2, 0), odd = _mm256_set_epi64x(7, 5, 3, 1);
   const __m256i low_mask = _mm256_set1_epi64x(0xffffffffll);
-  const __m256 scale = _mm256_set1_ps(kUintToFloat);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    // Two streams: x holds elements i, i+2, i+4, i+6 and y holds i+1, i+3, ..., interleaved back at the end.
-    const __m256i base = _mm256_set1_epi64x(static_cast<int64_t>(c0_start) + i);
+  int64_t q = 0;
+  for (; q + 8 <= quads; q += 8) {
+    // Two streams: x holds counters q, q+2, q+4, q+6 and y holds q+1, q+3, ..., merged back in order at the end.
+    const __m256i base = _mm256_set1_epi64x(static_cast<int64_t>(c0_start) + q);
     __m256i x0 = _mm256_add_epi64(base, even), y0 = _mm256_add_epi64(base, odd);
     __m256i x1 = _mm256_set1_epi64x(c1_const), y1 = x1;
     __m256i x2 = _mm256_setzero_si256(), y2 = x2, x3 = x2, y3 = x2;
@@ -154,26 +184,28 @@ FASTMASK_TARGET_AVX2 void philox_words_avx2(uint32_t k0, uint32_t k1, uint32_t c
       a0 += kKeyA;
       a1 += kKeyB;
     }
-    __m256i w = _mm256_or_si256(_mm256_and_si256(x0, low_mask), _mm256_slli_epi64(y0, 32));
-    w = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
-    _mm256_storeu_ps(u + i, _mm256_mul_ps(_mm256_cvtepi32_ps(w), scale));
+    // Word j of counters q .. q + 7 in order: x's counters in the even 32-bit lanes, y's in the odd ones.
+#define FASTMASK_MERGE(x, y) \
+  words_to_uniform_avx2(_mm256_or_si256(_mm256_and_si256(x, low_mask), _mm256_slli_epi64(y, 32)))
+    store_quads_avx2(FASTMASK_MERGE(x0, y0), FASTMASK_MERGE(x1, y1), FASTMASK_MERGE(x2, y2), FASTMASK_MERGE(x3, y3),
+                     u + 4 * q);
+#undef FASTMASK_MERGE
   }
-  if (i < n) philox_words_scalar(k0, k1, c0_start + static_cast<uint32_t>(i), c1_const, n - i, u + i);
+  if (q < quads) philox_quads_scalar(k0, k1, c0_start + static_cast<uint32_t>(q), c1_const, quads - q, u + 4 * q);
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive inside avx512fintrin.h
 #endif
-FASTMASK_TARGET_AVX512 void philox_words_avx512(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c1_const,
-                                                int64_t n, float* __restrict u) {
+FASTMASK_TARGET_AVX512 void philox_quads_avx512(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c1_const,
+                                                int64_t quads, float* __restrict u) {
   const __m512i mul_a = _mm512_set1_epi64(kPhiloxA), mul_b = _mm512_set1_epi64(kPhiloxB);
   const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), eight = _mm512_set1_epi64(8);
-  const __m256 scale = _mm256_set1_ps(kUintToFloat);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    // Two independent 8-lane streams (elements i..i+7 and i+8..i+15) for instruction-level parallelism.
-    __m512i x0 = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(c0_start) + i), iota);
+  int64_t q = 0;
+  for (; q + 16 <= quads; q += 16) {
+    // Two independent 8-lane streams (counters q..q+7 and q+8..q+15) for instruction-level parallelism.
+    __m512i x0 = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(c0_start) + q), iota);
     __m512i y0 = _mm512_add_epi64(x0, eight);
     __m512i x1 = _mm512_set1_epi64(c1_const), y1 = x1;
     __m512i x2 = _mm512_setzero_si512(), y2 = x2, x3 = x2, y3 = x2;
@@ -193,37 +225,48 @@ FASTMASK_TARGET_AVX512 void philox_words_avx512(uint32_t k0, uint32_t k1, uint32
       a0 += kKeyA;
       a1 += kKeyB;
     }
-    __m256i wx = _mm512_cvtepi64_epi32(x0), wy = _mm512_cvtepi64_epi32(y0);
-    wx = _mm256_xor_si256(wx, _mm256_srai_epi32(wx, 31));
-    wy = _mm256_xor_si256(wy, _mm256_srai_epi32(wy, 31));
-    _mm256_storeu_ps(u + i, _mm256_mul_ps(_mm256_cvtepi32_ps(wx), scale));
-    _mm256_storeu_ps(u + i + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(wy), scale));
+#define FASTMASK_WORDS(v) words_to_uniform_avx2(_mm512_cvtepi64_epi32(v))  // low 32 bits of each 64-bit lane
+    store_quads_avx2(FASTMASK_WORDS(x0), FASTMASK_WORDS(x1), FASTMASK_WORDS(x2), FASTMASK_WORDS(x3), u + 4 * q);
+    store_quads_avx2(FASTMASK_WORDS(y0), FASTMASK_WORDS(y1), FASTMASK_WORDS(y2), FASTMASK_WORDS(y3), u + 4 * q + 32);
+#undef FASTMASK_WORDS
   }
-  if (i < n) philox_words_scalar(k0, k1, c0_start + static_cast<uint32_t>(i), c1_const, n - i, u + i);
+  if (q < quads) philox_quads_scalar(k0, k1, c0_start + static_cast<uint32_t>(q), c1_const, quads - q, u + 4 * q);
 }
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
 #endif
 
-// u[i] = philox_uniform(seed, ctr + i) for i < n (64-bit counters; split where the low word wraps).
+// u[i] = philox_uniform(seed, pos + i) for i < n: the partial quads at either end through philox.h, the whole
+// quads through the ISA's kernel (64-bit counters; split where the counter's low word wraps).
 template <int kIsa>
-FASTMASK_INLINE void philox_fill(uint64_t seed, uint64_t ctr, int64_t n, float* u) {
+FASTMASK_INLINE void philox_fill(uint64_t seed, uint64_t pos, int64_t n, float* u) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  while (n > 0) {
+  if (n > 0 && (pos & 3) != 0) {  // head: the positions of pos's quad from pos on
+    const PhiloxWords words = philox_words(seed, pos >> 2);
+    for (uint64_t w = pos & 3; w < 4 && n > 0; ++w, ++pos, --n) *u++ = word_to_uniform(words.w[w]);
+  }
+  uint64_t ctr = pos >> 2;
+  int64_t quads = n / 4;
+  while (quads > 0) {
     const uint64_t to_wrap = (uint64_t{1} << 32) - (ctr & 0xffffffffull);
-    const int64_t m = static_cast<int64_t>(std::min<uint64_t>(static_cast<uint64_t>(n), to_wrap));
+    const int64_t m = static_cast<int64_t>(std::min<uint64_t>(static_cast<uint64_t>(quads), to_wrap));
     const uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32);
 #if FASTMASK_X86_DISPATCH
-    if constexpr (kIsa == kIsaAvx512) philox_words_avx512(k0, k1, c0, c1, m, u);
-    else if constexpr (kIsa == kIsaAvx2) philox_words_avx2(k0, k1, c0, c1, m, u);
-    else philox_words_scalar(k0, k1, c0, c1, m, u);
+    if constexpr (kIsa == kIsaAvx512) philox_quads_avx512(k0, k1, c0, c1, m, u);
+    else if constexpr (kIsa == kIsaAvx2) philox_quads_avx2(k0, k1, c0, c1, m, u);
+    else philox_quads_scalar(k0, k1, c0, c1, m, u);
 #else
-    philox_words_scalar(k0, k1, c0, c1, m, u);
+    philox_quads_scalar(k0, k1, c0, c1, m, u);
 #endif
     ctr += static_cast<uint64_t>(m);
-    u += m;
-    n -= m;
+    u += 4 * m;
+    quads -= m;
+    n -= 4 * m;
+  }
+  if (n > 0) {  // tail: the first n positions of the last quad
+    const PhiloxWords words = philox_words(seed, ctr);
+    for (int64_t w = 0; w < n; ++w) u[w] = word_to_uniform(words.w[w]);
   }
 }
 

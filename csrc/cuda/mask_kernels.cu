@@ -55,15 +55,23 @@ constexpr int vec_of() {
 // Kernels
 // ---------------------------------------------------------------------------------------------------------------
 
-// out[i] = philox_uniform(seed, offset + i).
+// out[i] = philox_uniform(seed, offset + i). Thread t of the grid-stride loop owns the aligned quad of stream
+// positions 4 * (offset / 4 + q) .. + 3 and runs one Philox call for all four of them.
 __global__ void __launch_bounds__(kThreads) _uniform_fill_kernel(
     float* __restrict__ out,  // (n,) contiguous float32
     int64_t n,                // number of elements
     uint64_t seed,            // Philox key (64 bits)
-    uint64_t offset) {        // counter of element 0
+    uint64_t offset) {        // stream position of element 0
+  const int64_t lead = static_cast<int64_t>(offset & 3);  // positions of the first quad before element 0
+  const int64_t quads = (lead + n + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    out[i] = philox_uniform(seed, offset + static_cast<uint64_t>(i));
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < quads; q += stride) {
+    const PhiloxWords words = philox_words(seed, (offset >> 2) + static_cast<uint64_t>(q));
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const int64_t i = 4 * q + w - lead;
+      if (i >= 0 && i < n) out[i] = uint32_to_uniform(words.w[w]);
+    }
   }
 }
 
@@ -472,7 +480,7 @@ void uniform_fill_cuda(at::Tensor out, int64_t seed, int64_t offset) {  // by va
   if (n == 0) return;
   c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  _uniform_fill_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(out.data_ptr<float>(), n,
+  _uniform_fill_kernel<<<grid_for((n + 6) / 4, kThreads), kThreads, 0, stream>>>(out.data_ptr<float>(), n,
                                                                        static_cast<uint64_t>(seed),
                                                                        static_cast<uint64_t>(offset));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

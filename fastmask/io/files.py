@@ -4,8 +4,13 @@ write_masks); read_mask_metadata for tools that only want the metadata.
 Format (a directory, or a ``<stem>.safetensors`` path whose metadata goes to ``<stem>.json``)::
 
     masks.safetensors    the logits (float32), keyed by qualified module name; never a pickle
-    mask_config.json     {"format": "fastmask.masks", "format_version": 1, "fastmask_version", "mask_config",
-                          "layers": {name: MaskedLinear.describe()}, "fingerprint": {...}, "masks_sha256"}
+    mask_config.json     {"format": "fastmask.masks", "format_version": 2, "fastmask_version", "noise",
+                          "mask_config", "layers": {name: MaskedLinear.describe()}, "fingerprint": {...},
+                          "masks_sha256"}
+
+``noise`` names the noise definition the masks were trained with (``fastmask.ref.NOISES``); format 1 files (fastmask
+< 0.2) have none and were trained with ``ref.NOISE_FIRST_WORD``. Their logits load and mean the same; continued
+training draws today's noise (a warning says so).
 
 load_masks refuses another base model (fingerprints.py), other shapes, a newer format version or a masks file that
 does not belong to its metadata, naming what differs. Both files are written to temporary files and moved into place
@@ -30,13 +35,14 @@ from torch import nn
 from .._version import __version__
 from ..assets import atomic_write_bytes
 from ..config import MaskConfig
+from ..ref import NOISE, NOISE_FIRST_WORD, NOISES
 from ..hf import apply
 from ..nn.masked_linear import masked_layers
 from .dtensor import full_tensor
 from .fingerprints import _HASH_CHUNK_BYTES, _fingerprint_differences, fingerprint
 
 FORMAT = "fastmask.masks"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "noise" recorded (fastmask 0.2 changed the noise definition); 1: no "noise"
 MASKS_FILE, META_FILE = "masks.safetensors", "mask_config.json"
 
 PathLike = Union[str, os.PathLike]
@@ -79,7 +85,7 @@ def mask_payload(model: nn.Module) -> tuple[dict, dict]:
     tensors = {name: full_tensor(layer.logits.detach()).to("cpu", torch.float32).contiguous()
                for name, layer in layers.items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fastmask_version": _fastmask_version(),
-            "mask_config": None if config is None else config.to_dict(),
+            "noise": NOISE, "mask_config": None if config is None else config.to_dict(),
             "layers": {name: layer.describe() for name, layer in layers.items()},
             "fingerprint": fingerprint(model, layers)}
     return tensors, meta
@@ -134,6 +140,11 @@ def read_mask_metadata(path: PathLike) -> dict:
         raise ValueError(f"fastmask.load_masks: {meta_path} has format version {version!r}, written by fastmask "
                          f"{meta.get('fastmask_version')}; this fastmask ({_fastmask_version()}) reads versions <= "
                          f"{FORMAT_VERSION}: upgrade fastmask")
+    if version == 1:  # written before the noise was recorded, i.e. with the first-word definition
+        meta.setdefault("noise", NOISE_FIRST_WORD)
+    if meta.get("noise") not in NOISES:
+        raise ValueError(f"fastmask.load_masks: {meta_path} names noise {meta.get('noise')!r}, expected one of "
+                         f"{NOISES}: a corrupted or hand-edited file?")
     for key, kind in (("layers", dict), ("fingerprint", dict), ("masks_sha256", str)):
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"fastmask.load_masks: {meta_path} lacks a valid {key!r} entry (expected a "
@@ -212,6 +223,10 @@ def load_masks(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.M
             layer.logits.copy_(tensor.to(layer.logits.device, layer.logits.dtype))
             layer.seed = int(saved_layers[name]["seed"])
             layer.step = int(saved_layers[name].get("step", 0))
+    if meta["noise"] != NOISE:
+        warnings.warn(f"fastmask.load_masks: {meta_path} was trained with the noise {meta['noise']!r} (fastmask "
+                      f"{meta.get('fastmask_version')}); the masks load unchanged, but training continued from them "
+                      f"draws this fastmask's noise {NOISE!r}, not the rest of the old stream", stacklevel=2)
     if meta.get("mask_config") is not None and getattr(model, "fastmask_config", None) is None:
         model.fastmask_config = MaskConfig.from_dict(meta["mask_config"])
     return model

@@ -23,12 +23,14 @@ from safetensors.torch import save as save_tensors
 
 from ... import distributed as fmd
 from ...nn.masked_linear import masked_layers
+from ...ref import NOISE, NOISE_FIRST_WORD
 from ...ops._common import is_dtensor
 from .config import ConfigError
 
 CHECKPOINT_FORMAT = "fastmask.checkpoint"
-# Version 2 added "sharded_state": the logits and optimizer state of an FSDP2 run in a DCP folder of the checkpoint.
-CHECKPOINT_VERSION = 2
+# Version 2 added "sharded_state": the logits and optimizer state of an FSDP2 run in a DCP folder of the checkpoint;
+# version 3 "noise": the noise definition the masks drew (fastmask.ref.NOISES; older ones drew NOISE_FIRST_WORD).
+CHECKPOINT_VERSION = 3
 SHARDED_STATE_DIR = "sharded"
 
 
@@ -134,7 +136,7 @@ def save_checkpoint(state: TrainState, folder, staging: Optional[Path] = None) -
         raise ValueError("save_checkpoint: sharded state needs the staging folder its shards were written to")
     tensors: dict = {}
     payload = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": state.step,
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "noise": NOISE, "step": state.step,
         "sharded_state": SHARDED_STATE_DIR if sharded else None,
         "params": {} if sharded else {name: _flatten(p, f"params.{name}", tensors) for name, p in state.params.items()},
         "optimizer": None if state.optimizer is None or sharded
@@ -221,6 +223,11 @@ def load_checkpoint(state: TrainState, folder) -> TrainState:
     and the data streams must match the run's. A sharded checkpoint loads into a sharded run of any number of
     processes or into one process; every rank of a sharded run calls this."""
     payload, tensors = read_checkpoint(folder)
+    noise = payload.get("noise", NOISE_FIRST_WORD)
+    if payload["noise_counters"] and noise != NOISE:  # no older checkpoint of the run would do either
+        raise ConfigError(f"checkpoint {folder}: its masks drew the noise {noise!r} (an older fastmask), this "
+                          f"fastmask draws {NOISE!r}: resuming would continue the run on another noise stream. "
+                          f"Finish it with the fastmask that started it, or start it again in a new --out folder")
     if payload.get("sharded_state"):
         _load_sharded_state(state, Path(folder) / payload["sharded_state"])
     elif is_sharded(state):  # a mismatch of the command line, not a damaged checkpoint: no older one would do
