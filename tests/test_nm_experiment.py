@@ -63,6 +63,8 @@ def test_cli_end_to_end(cli_run, tiny_gpt2_dir):
     for key in ("magnitude", "wanda"):
         assert units[f"learned-{key}"]["sparsity"] == 0.5
         assert units[f"learned-{key}"]["steps"] == 4
+        # measured: logits, gradients and Adam's moments (+ its step counters) = 24 B per weight
+        assert units[f"learned-{key}"]["mask_state_bytes_per_weight"] == pytest.approx(24, rel=1e-3)
     assert "valid" in metrics["data"]["train"] and "test" in metrics["data"]["test"]
     report = (out / "report.md").read_text()
     assert "masks train on the\nvalidation split" in report and "| dense |" in report
@@ -96,6 +98,42 @@ def test_resume_recomputes_only_missing_units(cli_run, tiny_gpt2_dir):
     # the learned mask trained again from its prior, with the same noise and data order: the same result
     assert after["learned-wanda"]["ppl"] == pytest.approx(before["learned-wanda"]["ppl"], rel=1e-6)
     assert after["learned-wanda"]["final_loss"] == pytest.approx(before["learned-wanda"]["final_loss"], rel=1e-6)
+
+
+def test_adafactor_in_backward_keeps_at_most_8_bytes_per_weight(tmp_path, tiny_gpt2_dir):
+    """--optimizer adafactor: no gradient kept, a factored second moment: 7 B of mask state per weight for 2:4
+    (measured at the end of training), the mask still exactly 2:4, and an interrupted run resumes to the same mask."""
+    flags = ("--optimizer", "adafactor", "--learn-from", "wanda", "--lr", "0.5")
+    result = _run(tiny_gpt2_dir, tmp_path / "run", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    unit = metrics["units"]["learned-wanda"]
+    assert metrics["mask_state_bytes_per_weight"] == 7 and unit["optimizer"] == "adafactor"
+    assert 7 <= unit["mask_state_bytes_per_weight"] <= 8 and unit["sparsity"] == 0.5
+    assert unit["changed_from_prior"] > 0  # it learned something at this lr
+    assert "Adafactor (stepped in the backward)" in (tmp_path / "run" / "report.md").read_text()
+    # interrupted after the checkpoint of step 2 (in-process: the third training loss raises), then resumed: the
+    # per-parameter Adafactor states came back from the checkpoint, so the mask and its perplexity are the same
+    from fastmask.cli import main
+    from fastmask.experiments.nm import train as nm_train
+
+    calls, real_loss = [], nm_train.lm_loss
+
+    def loss_that_dies_at_step_2(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("stopped by the test")
+        return real_loss(*args)
+
+    argv = ["run", "nm", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "stopped"), *TINY_RUN, *flags]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nm_train, "lm_loss", loss_that_dies_at_step_2)
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+    assert not (tmp_path / "stopped" / "units" / "learned-wanda.json").exists()
+    assert main(argv + ["--resume"]) == 0
+    again = json.loads((tmp_path / "stopped" / "metrics.json").read_text())["units"]["learned-wanda"]
+    assert again["steps_this_process"] == 2 and again["ppl"] == pytest.approx(unit["ppl"], rel=1e-6)
 
 
 @pytest.mark.parametrize("flags,message", [(["--n", "4", "--m", "4"], "n must be"),

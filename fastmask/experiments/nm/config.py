@@ -45,6 +45,11 @@ class NMConfig(RunConfig):
     lr: float = field(default=0.05, metadata=help_metadata(
         "Adam learning rate of the logits (Adam moves every logit by about lr per step: 0.5 made a SmolLM2 run's loss "
         "climb from 9.6 to 30 in 6 steps; 0.1 with prior strength 2 flipped a third of the groups on noise)"))
+    optimizer: Literal["adam", "adafactor"] = field(default="adam", metadata=help_metadata(
+        "adam: torch.optim.Adam (24 B of mask state per weight for 2:4: fp32 logits, gradient, two moments); "
+        "adafactor: torch.optim.Adafactor stepped inside the backward (fastmask.optim.OptimizerInBackward: no "
+        "gradient kept, a factored second moment, no first moment; 7 B per weight for 2:4). Adafactor's step is "
+        "relative: about lr x RMS(logits) per step"))
     prior_strength: float = field(default=5.0, metadata=help_metadata(
         "logit of the prior pattern over a pattern sharing none of its kept weights (MaskLLM's prior; 2 let a third "
         "of the groups leave the prior on noise, 10 kept every group at the prior: docs/experiments/nm.md)"))

@@ -61,6 +61,13 @@ def report_markdown(config: NMConfig, metrics: dict) -> str:
                     "degrade it)")
     else:
         verdict = "no mask was learned (--learn-from is empty): one-shot masks only"
+    optimizer = "Adam" if config.optimizer == "adam" else "Adafactor (stepped in the backward)"
+    state_parts = (f"C({config.m}, {config.n}) / {config.m} fp32 logits per weight, "
+                   + ("each with its gradient and two Adam moments" if config.optimizer == "adam" else
+                      "no gradient kept, Adafactor's row factor of 4 bytes per group"))
+    measured = [f"{key}: {unit['mask_state_bytes_per_weight']:.2f}" for key, unit in units.items()
+                if "mask_state_bytes_per_weight" in unit]
+    measured_state = f"; measured at the end of training: {', '.join(measured)}" if measured else ""
     return f"""# Learned {config.n}:{config.m} masks on {metrics['model']}
 
 {config.n}:{config.m} sparsity on every attention and MLP projection ({metrics['masked_layers']} layers,
@@ -68,7 +75,8 @@ def report_markdown(config: NMConfig, metrics: dict) -> str:
 each of: {', '.join(config.learn_from) or 'none'}
 (MaskLLM-style Gumbel-softmax over the C({config.m}, {config.n}) patterns of every group of {config.m} input weights,
 logits initialised from the one-shot prior, strength {config.prior_strength}; temperature {config.temperature} ->
-{config.temperature_final}, scale {config.scale}, {'hard' if config.hard else 'soft'} masks, Adam lr {config.lr}).
+{config.temperature_final}, scale {config.scale}, {'hard' if config.hard else 'soft'} masks,
+{optimizer} lr {config.lr}).
 
 **Data.** Training (and Wanda calibration) on {data['train']} ({data['train_tokens']:,} tokens; calibration
 {data['calib_tokens']:,}); perplexity on {data['test']} ({data['eval_tokens']:,} predicted tokens, blocks of
@@ -81,8 +89,7 @@ validation split and are evaluated on the test split.
 
 Result: {verdict}.
 
-Mask state: {metrics['mask_state_bytes_per_weight']:.0f} bytes per weight (C({config.m}, {config.n}) /
-{config.m} fp32 logits per weight, each with its gradient and two Adam moments).
+Mask state: {metrics['mask_state_bytes_per_weight']:.0f} bytes per weight on paper ({state_parts}){measured_state}.
 
 Time: {timing['total_seconds']:.0f} s in all ({timing['device']}, {timing['torch_threads']} torch threads,
 {timing['cpu']}, {timing['cpu_count']} cores; backend {metrics['backend']}).

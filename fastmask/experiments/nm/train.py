@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 
 import fastmask as fm
+from fastmask.optim import OptimizerInBackward
 
 from ... import nm_priors
 from ...assets import atomic_write_text
@@ -49,9 +50,10 @@ def _learn(run: Run, config: NMConfig, model, names, masks: dict, prior: str, tr
     sub = Run(replace(config, out=str(run.path(f"learned-{prior}"))), resume=resume, overwrite=not resume,
               experiment=f"{EXPERIMENT}:{prior}", log=run.log)
     apply_nm(model, config, names, masks)
+    optimizer = None
     try:
         model.train()
-        optimizer = torch.optim.Adam(fm.mask_parameters(model), lr=config.lr)
+        optimizer = make_optimizer(config, fm.mask_parameters(model))
         stream = BatchStream(train_blocks.shape[0], config.batch, seed=config.seed)
         state = TrainState(params={name: layer.logits for name, layer in fm.masked_modules(model).items()},
                            optimizer=optimizer, model=model, streams={"train": stream})
@@ -63,7 +65,7 @@ def _learn(run: Run, config: NMConfig, model, names, masks: dict, prior: str, tr
             fm.set_step(model, step)  # the noise of step s, also after a resume
             loss = lm_loss(model, train_blocks[stream.next()])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # OptimizerInBackward: every logit tensor is stepped here, as its gradient completes
             optimizer.step()
             return {"loss": loss.item(), "temperature": temperature}
 
@@ -75,6 +77,8 @@ def _learn(run: Run, config: NMConfig, model, names, masks: dict, prior: str, tr
         model.eval()
         result = perplexity(model, eval_blocks, config.eval_batch)
         result.update(prior=prior, steps=config.steps, changed_from_prior=changed_from_prior(model, masks),
+                      optimizer=config.optimizer,
+                      mask_state_bytes_per_weight=mask_state_bytes(model, optimizer) / masked_weights(model, names),
                       first_loss=history[0]["loss"], final_loss=history[-1]["loss"], train_seconds=train_seconds,
                       steps_this_process=state.step - steps_before,
                       sparsity=fm.sparsity(model)["overall"])
@@ -82,8 +86,33 @@ def _learn(run: Run, config: NMConfig, model, names, masks: dict, prior: str, tr
         shutil.rmtree(sub.checkpoint_dir, ignore_errors=True)
         return result
     finally:
+        if isinstance(optimizer, OptimizerInBackward):
+            optimizer.remove()
         if fm.masked_modules(model):
             fm.unapply(model)  # the dense model back (the weights were never modified)
+
+
+def make_optimizer(config: NMConfig, params):
+    """--optimizer: Adam, or Adafactor stepped inside the backward (no gradient kept between the two)."""
+    if config.optimizer == "adafactor":
+        return OptimizerInBackward(params, torch.optim.Adafactor, lr=config.lr)
+    return torch.optim.Adam(params, lr=config.lr)
+
+
+def mask_state_bytes(model, optimizer) -> int:
+    """Bytes of mask state at the end of a step: the logits, their gradients (none with OptimizerInBackward: each
+    is dropped as soon as its layer is stepped; at most one layer's exists at a time) and the optimizer's state."""
+    logits = fm.mask_parameters(model)
+    held = sum(p.numel() * p.element_size() for p in logits)
+    held += sum(p.grad.numel() * p.grad.element_size() for p in logits if p.grad is not None)
+    if isinstance(optimizer, OptimizerInBackward):
+        return held + optimizer.state_bytes()
+    return held + sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                      if isinstance(t, torch.Tensor))
+
+
+def masked_weights(model, names) -> int:
+    return sum(model.get_submodule(name).weight.numel() for name in names)
 
 
 def run_experiment(config: NMConfig, *, resume: bool = False, overwrite: bool = False, log=None) -> dict:
@@ -123,12 +152,14 @@ def run_experiment(config: NMConfig, *, resume: bool = False, overwrite: bool = 
         log(f"fastmask: learned {config.n}:{config.m} from {prior}: perplexity {units[key]['ppl']:.2f} "
             f"({units[key]['changed_from_prior']:.1%} of the groups changed)")
 
-    masked_weights = sum(model.get_submodule(name).weight.numel() for name in names)
     metrics = {
         "experiment": EXPERIMENT, "model": config.model, "model_source": source, "n": config.n, "m": config.m,
-        "masked_layers": len(names), "masked_weights": masked_weights,
-        # fp32 logit + its gradient + Adam's two moments = 16 B per logit, C(m, n) / m logits per weight
-        "mask_state_bytes_per_weight": 16 * math.comb(config.m, config.n) / config.m,
+        "masked_layers": len(names), "masked_weights": masked_weights(model, names),
+        # on paper, per weight (C(m, n) / m fp32 logits each): Adam keeps logit + gradient + two moments (16 B per
+        # logit); Adafactor in backward the logit and a row factor of 4 B per group of C(m, n) logits; each learned
+        # unit also reports what it measured
+        "mask_state_bytes_per_weight": (16 * math.comb(config.m, config.n) if config.optimizer == "adam"
+                                        else 4 * math.comb(config.m, config.n) + 4) / config.m,
         "data": {"train": texts["train"][1], "test": texts["test"][1],
                  "train_tokens": int(train_blocks.numel()), "eval_tokens": int(eval_blocks.numel()),
                  "calib_tokens": int(min(config.calib_blocks, train_blocks.shape[0]) * config.block_size)},
