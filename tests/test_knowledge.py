@@ -473,6 +473,52 @@ def test_resume_of_the_experiment_is_bit_identical(cli_run, tmp_path, tiny_gpt2_
     assert (full_dir / "history.csv").read_text() == (tmp_path / "crashed/history.csv").read_text()
 
 
+def test_a_study_over_targets_and_seeds_summarises_and_resumes_per_run(tmp_path, tiny_gpt2_dir):
+    """--targets x --seeds: one whole run per cell in <target>/seed-<s>/, the summary (mean and 95% t-interval over
+    the runs and per target) equal to the runs' own figures, several random draws per run, and --resume reruns
+    only the cells without results (and may add cells)."""
+    from fastmask.experiments.stats import mean_ci
+
+    out = tmp_path / "study"
+    base = ["--model", str(tiny_gpt2_dir), *TINY_RUN, "--out", str(out), "--random-draws", "2",
+            "--targets", "building.n.01,change.n.01"]
+    parser, messages = _parser(), []
+
+    def run(*extra, resume=False):
+        config = runner.config_from_args(kn.KnowledgeConfig, parser.parse_args(base + list(extra)), "knowledge")
+        return kn.run_experiment(config, resume=resume, log=messages.append)
+
+    summary = run("--seeds", "0,1")
+    cells = [(t, s) for t in ("building.n.01", "change.n.01") for s in (0, 1)]
+    runs = [json.loads((out / t / f"seed-{s}" / "metrics.json").read_text()) for t, s in cells]
+    assert [(m["target"], m["seed"]) for m in runs] == cells
+    for m in runs:
+        target = m["summary"]["targetkg"]
+        assert target["random_draws"] == 2
+        draws = [m["scores"][mode]["targetkg"]["ppl"] for mode in ("random", "random-1")]  # two scored draws
+        assert target["ppl_random"] == pytest.approx(sum(draws) / 2)
+        assert target["ppl_ratio_random_min"] <= target["ppl_ratio_random"] <= target["ppl_ratio_random_max"]
+    assert summary["n_runs"] == 4 and summary["targets"] == ["building.n.01", "change.n.01"]
+    expected = mean_ci([m["summary"]["controlkg"]["ppl_ratio"] for m in runs])
+    assert summary["all_runs"]["controlkg"]["ppl_ratio"] == expected
+    per_target = mean_ci([m["summary"]["targetkg"]["delta_ppl"] for m in runs[2:]])
+    assert summary["per_target"]["change.n.01"]["targetkg"]["delta_ppl"] == per_target
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n_runs"] == 4 and (out / "study.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "| TargetKG |" in report and "| change.n.01 | 2 |" in report and "2 random subnetworks" in report
+
+    (out / "change.n.01" / "seed-1" / "metrics.json").unlink()
+    messages.clear()
+    again = run("--seeds", "0,1,2", "--targets", "building.n.01,change.n.01", resume=True)  # a seed added
+    skipped = [m for m in messages if "not rerun" in m]
+    assert len(skipped) == 3 and again["n_runs"] == 6
+    rerun = json.loads((out / "change.n.01" / "seed-1" / "metrics.json").read_text())
+    assert rerun["summary"] == runs[3]["summary"]  # the same run again: the same figures
+    with pytest.raises(runner.ConfigError, match="already holds a run"):
+        run("--seeds", "0")
+
+
 def test_bad_input_is_a_clear_error(tmp_path, tiny_gpt2_dir, capsys):
     parser = _parser()
     with pytest.raises(runner.ConfigError, match="target must be a WordNet noun synset name"):
@@ -483,6 +529,10 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_gpt2_dir, capsys):
     with pytest.raises(runner.ConfigError, match="template must not be 'released'"):
         kn.run_from_args(parser.parse_args(["--model", str(tiny_gpt2_dir), *TINY_RUN, "--template", "released",
                                             "--out", str(tmp_path / "c")]))
+    with pytest.raises(runner.ConfigError, match="targets must be distinct targets"):
+        kn.run_from_args(parser.parse_args(["--targets", "building.n.01,building.n.01", "--out", str(tmp_path / "e")]))
+    with pytest.raises(runner.ConfigError, match="random_draws must be an int >= 1"):
+        kn.run_from_args(parser.parse_args(["--random-draws", "0", "--out", str(tmp_path / "f")]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--template", "best"])
     assert "invalid choice: 'best'" in capsys.readouterr().err

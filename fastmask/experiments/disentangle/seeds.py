@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
 from ...assets import atomic_write_text
-from ..runner import ConfigError, config_to_dict
+from ..runner import ConfigError
+from ..runner.cells import read_finished, run_cells
 from ..runner.report import _json_safe
 from ..stats import ci_above, summarize
 from .config import DisentangleConfig
@@ -37,12 +37,8 @@ def seed_config(config: DisentangleConfig, seed: int) -> DisentangleConfig:
 
 def _finished(config: DisentangleConfig, folder: Path):
     """The metrics of a seed folder whose run finished (main evaluation and every sweep point), else None."""
-    path = folder / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    metrics = read_finished(folder)
+    if metrics is None:
         return None
     points = 0 if config.data == "syntax" else len({config.prune_sparsity, *config.sweep_sparsities})
     if metrics.get("seed") != config.seed or len(metrics.get("sweep", [])) != points:
@@ -101,35 +97,13 @@ def aggregate(per_seed: list, seeds: list) -> dict:
 def run_seeds(config: DisentangleConfig, run_one: Callable, *, resume: bool = False, overwrite: bool = False,
               log=None) -> dict:
     """Run ``run_one(seed_config(config, s), resume=, overwrite=, log=)`` for each of ``config.seeds`` (finished
-    seeds skipped under ``resume``) and write the summary over the seeds done so far after each. Returns the
-    aggregated metrics ({} in the non-main processes of a data-parallel run)."""
+    seeds skipped under ``resume``; ``runner.run_cells``) and write the summary over the seeds done so far after
+    each. Returns the aggregated metrics ({} in the non-main processes of a data-parallel run)."""
     if not config.seeds:
         raise ConfigError("seeds must hold at least one seed for a multi-seed run, got []")
     out = Path(config.out)
-    holds = (out / "metrics.json").exists() or any(p.is_dir() for p in out.glob("seed-*"))
-    if holds and not resume:
-        if not overwrite:
-            raise ConfigError(f"out: {out} already holds a run (seed folders or results); pass --resume to continue "
-                              f"it, --overwrite to replace it, or another --out")
-        for path in out.glob("seed-*"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        for path in out.glob("*"):
-            if path.is_file():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(config_to_dict(config), indent=2) + "\n")
-    done, main = [], True
-    for seed in config.seeds:
-        one = seed_config(config, seed)
-        metrics = _finished(one, Path(one.out)) if resume else None
-        if metrics is not None:
-            (log or print)(f"fastmask: seed {seed}: finished results in {one.out}, not rerun")
-        else:
-            metrics = run_one(one, resume=resume, overwrite=overwrite, log=log)
-        if not metrics:  # a non-main process of a data-parallel run: rank 0 writes the results
-            main = False
-            continue
-        done.append(metrics)
+
+    def summarise(done: list) -> dict:
         if config.data == "syntax":  # setting 3 has its own figures (syntax_report.py)
             summary = syntax_aggregate(done, [m["seed"] for m in done])
             report = syntax_seeds_report_markdown(config, summary)
@@ -139,10 +113,11 @@ def run_seeds(config: DisentangleConfig, run_one: Callable, *, resume: bool = Fa
             report = seeds_report_markdown(config, summary)
         atomic_write_text(out / "metrics.json", json.dumps(_json_safe(summary), indent=2) + "\n")
         atomic_write_text(out / "report.md", report)
-    if not main:
-        return {}
-    print(f"fastmask: report over {len(done)} seeds: {(out / 'report.md').resolve()}")
-    return summary
+        return summary
+
+    cells = [(f"seed {s}", seed_config(config, s)) for s in config.seeds]
+    return run_cells(config, cells, run_one, finished=lambda one: _finished(one, Path(one.out)),
+                     summarise=summarise, resume=resume, overwrite=overwrite, log=log)
 
 
 __all__ = ["run_seeds", "aggregate", "seed_config", "seed_folder", "SUMMARISED"]

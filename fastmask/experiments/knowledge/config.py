@@ -24,6 +24,15 @@ class KnowledgeConfig(RunConfig):
     model: str = field(default="smollm2-135m", metadata=help_metadata(
         "causal LM: a fastmask asset name (smollm2-135m), a local folder or a hub id (gpt2, gpt2-xl, ...)"))
     target: str = field(default="building.n.01", metadata=help_metadata("WordNet synset whose TargetKG is suppressed"))
+    targets: list[str] = field(default_factory=list, metadata=help_metadata(
+        "a study: the whole experiment once per target x seed (--seeds, or --seed), each in <out>/<target>/seed-<s>/ "
+        "(resumable per run; targets and seeds can be added on --resume), then mean and 95% t-interval of every "
+        "figure over the runs and per target (comma separated; empty: one run of --target)"))
+    seeds: list[int] = field(default_factory=list, metadata=help_metadata(
+        "seeds of a study (with or without --targets; empty: --seed only)"))
+    random_draws: int = field(default=5, metadata=help_metadata(
+        "random subnetworks of the learned one's per-layer size scored as the baseline (their mean in the ratios, "
+        "their range in the report; about 14 s each on SmolLM2-135M, 1 CPU thread)"))
     targetkg_source: Literal["auto", "paper", "wordnet"] = field(default="auto", metadata=help_metadata(
         "paper: the released set of the synset; wordnet: built from WordNet 3.0; auto: paper when released"))
     targetkg_size: Optional[int] = field(default=20, metadata=help_metadata(
@@ -96,8 +105,14 @@ class KnowledgeConfig(RunConfig):
         check(self.targetkg_depth >= 1, "targetkg_depth", "an int >= 1", self.targetkg_depth)
         check(self.targetkg_ancestors >= 0, "targetkg_ancestors", "an int >= 0", self.targetkg_ancestors)
         check(self.eval_every >= 0, "eval_every", "an int >= 0", self.eval_every)
-        check(re.fullmatch(r"[A-Za-z0-9_'.-]+\.n\.\d\d", self.target) is not None, "target",
-              "a WordNet noun synset name like building.n.01", self.target)
+        for target in [self.target, *self.targets]:
+            check(re.fullmatch(r"[A-Za-z0-9_'.-]+\.n\.\d\d", target) is not None, "targets" if self.targets else
+                  "target", "a WordNet noun synset name like building.n.01", target)
+        check(len(set(self.targets)) == len(self.targets), "targets", "distinct targets", self.targets)
+        check(all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in self.seeds)
+              and len(set(self.seeds)) == len(self.seeds), "seeds", "distinct ints in [0, 2**63)", self.seeds)
+        check(isinstance(self.random_draws, int) and self.random_draws >= 1, "random_draws", "an int >= 1",
+              self.random_draws)
         for name in ("temperature", "lr"):
             value = getattr(self, name)
             check(math.isfinite(value) and value > 0, name, "a finite number > 0", value)

@@ -78,9 +78,13 @@ def sparsity_report(model) -> dict:
 
 
 def evaluate(model, top: TopBlocks, sets: dict, lm_eval, lm_eval_h0, batch_size: int, seed: int,
-             which=("full", "remaining", "random")) -> dict:
-    """Scores of the full model, the remaining model (subnetwork removed) and the remaining model of a random
-    subnetwork of equal per-layer size, on every sentence set and the LM text."""
+             which=("full", "remaining", "random"), random_draws: int = 1) -> dict:
+    """Scores of the full model, the remaining model (subnetwork removed) and the remaining model of random
+    subnetworks of equal per-layer size (``random_draws`` of them: modes "random", "random-1", ..., draw i with
+    seed ``seed + i``), on every sentence set and the LM text."""
+    if "random" in which:
+        which = tuple(m for m in which if m != "random") + ("random",) + tuple(f"random-{i}"
+                                                                             for i in range(1, random_draws))
     layers = fm.masked_modules(model).values()
     modes = {layer: layer.training for layer in layers}
     for layer in layers:
@@ -89,8 +93,9 @@ def evaluate(model, top: TopBlocks, sets: dict, lm_eval, lm_eval_h0, batch_size:
     try:
         for mode in which:
             context = {"full": lambda: fm.bypass(model), "remaining": lambda: fm.inverse(model)}.get(mode)
-            if mode == "random":
-                with random_subnetwork(model, seed), fm.inverse(model):
+            if mode.startswith("random"):
+                draw = int(mode.partition("-")[2] or 0)
+                with random_subnetwork(model, seed + draw), fm.inverse(model):
                     results[mode] = _score_all(top, sets, lm_eval, lm_eval_h0, batch_size)
             else:
                 with context():
@@ -109,25 +114,30 @@ def _score_all(top, sets, lm_eval, lm_eval_h0, batch_size):
 
 
 def summarize(results: dict) -> dict:
-    """Per set: PPL full / remaining / random, their ratios and deltas, rank and log-prob deltas."""
+    """Per set: PPL full / remaining / random, their ratios and deltas, rank and log-prob deltas. With several
+    random draws the random figures are their means (``ppl_ratio_random_min`` / ``_max``: their range)."""
     summary = {}
+    draws = [mode for mode in results if mode.startswith("random")]
     for name in results["full"]:
         full, rem = results["full"][name], results["remaining"][name]
-        rand = results.get("random", {}).get(name)
         row = {"ppl_full": full["ppl"], "ppl_remaining": rem["ppl"], "ppl_ratio": rem["ppl"] / full["ppl"],
                "delta_ppl": rem["ppl"] - full["ppl"]}
-        if rand is not None:
-            row.update(ppl_random=rand["ppl"], ppl_ratio_random=rand["ppl"] / full["ppl"],
-                       delta_ppl_random=rand["ppl"] - full["ppl"])
+        if draws:
+            ppls = [results[mode][name]["ppl"] for mode in draws]
+            mean_ppl = sum(ppls) / len(ppls)
+            row.update(ppl_random=mean_ppl, ppl_ratio_random=mean_ppl / full["ppl"],
+                       delta_ppl_random=mean_ppl - full["ppl"], random_draws=len(draws),
+                       ppl_ratio_random_min=min(ppls) / full["ppl"], ppl_ratio_random_max=max(ppls) / full["ppl"])
         if "mean_rank" in full:
             deltas = [r - f for r, f in zip(rem["logprob"], full["logprob"])]
             row.update(mean_rank_full=full["mean_rank"], mean_rank_remaining=rem["mean_rank"],
                        median_rank_full=full["median_rank"], median_rank_remaining=rem["median_rank"],
                        top1_full=full["top1"], top1_remaining=rem["top1"],
                        delta_logprob=sum(deltas) / len(deltas))
-            if rand is not None:
-                rdeltas = [r - f for r, f in zip(rand["logprob"], full["logprob"])]
-                row.update(mean_rank_random=rand["mean_rank"], delta_logprob_random=sum(rdeltas) / len(rdeltas))
+            if draws:  # means over the draws
+                rdeltas = [r - f for mode in draws for r, f in zip(results[mode][name]["logprob"], full["logprob"])]
+                row.update(mean_rank_random=sum(results[mode][name]["mean_rank"] for mode in draws) / len(draws),
+                           delta_logprob_random=sum(rdeltas) / len(rdeltas))
         summary[name] = row
     return summary
 

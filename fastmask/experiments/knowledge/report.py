@@ -76,6 +76,12 @@ def report_markdown(config: KnowledgeConfig, metrics: dict, prepared: Prepared) 
                       f"TargetKG triplets (never trained on) change x{para['ppl_ratio']:.2f} in perplexity with the "
                       f"subnetwork removed (the trained sentences: x{target['ppl_ratio']:.2f}; a random subnetwork "
                       f"removed: x{para.get('ppl_ratio_random', float('nan')):.2f}).")
+    draws = ""
+    if s["targetkg"].get("random_draws", 1) > 1:
+        spans = ", ".join(f"{label[n].split(' (')[0] if n != 'targetkg_paraphrase' else 'paraphrases'} "
+                          f"x{s[n]['ppl_ratio_random_min']:.2f}-{s[n]['ppl_ratio_random_max']:.2f}" for n in shown)
+        draws = (f" ({s['targetkg']['random_draws']} draws; the random columns are their means, the ratios' ranges: "
+                 f"{spans})")
     return f"""# Knowledge-critical subnetwork: {metrics['target']} in {metrics['model']}
 
 Reimplementation of Bayazit et al., "Discovering Knowledge-Critical Subnetworks in Pretrained Language Models"
@@ -87,7 +93,7 @@ and MLP projections of blocks {first}-{last} (of {metrics['n_blocks']}) of `{met
 
 Removing the subnetwork ({sp['kept_weights']:,} of {sp['total_weights']:,} masked weights, i.e. **{sp['overall']:.2%}
 of the masked weights are not in it**) changes the perplexity of the tail tokens as follows. "random" removes a random
-subnetwork with the same number of weights in every layer.
+subnetwork with the same number of weights in every layer{draws}.
 
 {ppl_table}{paraphrase}
 

@@ -28,6 +28,7 @@ from .data import DataError, Prepared, choose_templates, encode, sentence_nll
 from .evaluate import evaluate, sparsity_report, summarize
 from .model import StepLoss, _load_model, final_hidden
 from .report import _plots, report_markdown
+from .study import run_study
 from .wordnet import wordnet_controlkg, wordnet_targetkg
 
 
@@ -156,7 +157,10 @@ def _load_prepared(run: Run) -> Optional[Prepared]:
 
 # --- the experiment ---------------------------------------------------------------------------------------------
 def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: bool = False, log=None) -> dict:
-    """Train the mask, evaluate, write the results folder; returns metrics.json's content."""
+    """Train the mask, evaluate, write the results folder; returns metrics.json's content. With ``targets`` or
+    ``seeds``: the study (study.py), this function once per target x seed."""
+    if config.targets or config.seeds:
+        return run_study(config, run_experiment, resume=resume, overwrite=overwrite, log=log)
     # Data parallel under torchrun: every rank draws the same global batches and the same gates and trains on its
     # share of each batch. FSDP2 (default) shards the masked blocks over the ranks, DDP keeps a copy on each; either
     # way the logits' gradients are averaged. Rank 0 owns the results folder (data.json, checkpoints, history,
@@ -296,13 +300,14 @@ def run_experiment(config: KnowledgeConfig, *, resume: bool = False, overwrite: 
     final_sets = {**eval_sets, "controlkg_train": sets["controlkg_train"]}
     if "targetkg_paraphrase" in sets:
         final_sets["targetkg_paraphrase"] = sets["targetkg_paraphrase"]
-    results = evaluate(model, top, final_sets, lm_eval, lm_eval_h0, config.eval_batch, config.seed + 7)
+    results = evaluate(model, top, final_sets, lm_eval, lm_eval_h0, config.eval_batch, config.seed + 7,
+                       random_draws=config.random_draws)
     eval_seconds = time.perf_counter() - eval_started
     sparsity = sparsity_report(model)
     summary = summarize(results)
     metrics = {
         "experiment": EXPERIMENT, "model": config.model, "model_source": source,
-        "model_type": model.config.model_type, "target": config.target, "steps": config.steps,
+        "model_type": model.config.model_type, "target": config.target, "seed": config.seed, "steps": config.steps,
         "masked_layers": len(layers), "masked_blocks": [first, n_blocks - 1], "n_blocks": n_blocks,
         "masked_weights": sparsity["total_weights"], "backend": fm.ops._backend.resolve_name(device),
         "data": {"targetkg": len(prepared.target), "controlkg_train": len(prepared.control_train),

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 # Fields that may differ between a run and its resumption (they do not change any number the run computes).
-# "seeds": the seed list of a multi-seed run (each seed runs in a folder of its own, so adding seeds on --resume
-# changes no finished seed's numbers).
-RUN_CONTROL_FIELDS = ("progress", "out", "data_dir", "checkpoint_every", "keep_checkpoints", "seeds")
+# "seeds" / "targets": the cells of a multi-run (runner/cells.py: each runs in a folder of its own, so adding cells on
+# --resume changes no finished cell's numbers).
+RUN_CONTROL_FIELDS = ("progress", "out", "data_dir", "checkpoint_every", "keep_checkpoints", "seeds", "targets")
 
 
 def help_metadata(text: str) -> dict:
