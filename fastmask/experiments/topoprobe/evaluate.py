@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,9 +20,10 @@ from ...probing import (DEPTH_KINDS, ProbeSettings, depth_baselines, extract_fea
                         per_batch_mcc, train_depth_probe, train_distance_probe)
 from ...probing.features import usable_sentences
 from ..runner import Run, _json_safe
+from ..stats import mean_ci
 from .config import TopoprobeConfig
-from .data import _encode_cola
-from .model import finetune_model
+from .data import _encode_cola, cola_pad_length
+from .model import extract_padded_features, finetune_model
 
 
 # --- probing ------------------------------------------------------------------------------------------------
@@ -67,25 +69,53 @@ def probe_layers(run: Run, config: TopoprobeConfig, tokenizer, model, variant: s
     train, val, pseudo = data["train"], data["val"], data["pseudo"]
     gold_train, gold_val = [s.depths() for s in train], [s.depths() for s in val]
     dtype = torch.float16 if config.feature_dtype == "float16" else torch.float32
-    word_lists = [s.words for s in train] + [s.words for s in val] + list(pseudo or [])
-    tokens = sum(usable_sentences(tokenizer, word_lists, config.max_length, with_lengths=True)[2])
+    corpora = {"train": [s.words for s in train], "val": [s.words for s in val]}
+    if pseudo is not None:
+        split = int(len(pseudo) * 0.9)  # 90/10 as the released code
+        corpora.update(pseudo_train=pseudo[:split], pseudo_val=pseudo[split:])
+    padded = config.protocol == "released"
+    if padded:
+        # the released code pads each corpus (treebank train+dev, treebank test, the X_ssp pool) to its own
+        # longest sentence; it keeps every sentence BERT takes (512 pieces), whatever --max-length says
+        limit = min(getattr(model.config, "max_position_embeddings", 512), 512)
+        plan = {}
+        for group in (("train",), ("val",), ("pseudo_train", "pseudo_val")):
+            if group[0] not in corpora:
+                continue
+            words = [w for name in group for w in corpora[name]]
+            kept, dropped, lengths = usable_sentences(tokenizer, words, limit, with_lengths=True)
+            if not kept:
+                raise ValueError(f"topoprobe: no {group[0]} sentence fits {limit} pieces")
+            pad_to = max(lengths[i] for i in kept)
+            offset = 0
+            for name in group:
+                n = len(corpora[name])
+                plan[name] = (pad_to, [i - offset for i in kept if offset <= i < offset + n],
+                              [i - offset for i in dropped if offset <= i < offset + n])
+                offset += n
+        tokens = sum(pad_to * len(kept) for pad_to, kept, _ in plan.values())
+    else:
+        word_lists = [w for words in corpora.values() for w in words]
+        tokens = sum(usable_sentences(tokenizer, word_lists, config.max_length, with_lengths=True)[2])
     chunks = _layer_chunks(todo, tokens, model.config.hidden_size, dtype.itemsize, config.feature_memory_gb)
     if len(chunks) > 1:
         log(f"fastmask: hidden states of {len(todo)} layers exceed --feature-memory-gb "
             f"{config.feature_memory_gb}: {len(chunks)} extraction passes")
     extract = dict(batch_size=config.batch_size, max_length=config.max_length, dtype=dtype, device=device,
                    sort_by_length=not config.include_padding, progress=config.progress)
+    descriptions = {"train": "treebank train", "val": f"treebank {config.val_split}"}
+    settings_for = {kind: replace(settings, epochs=config.epochs(kind)) for kind in DEPTH_KINDS}
     for chunk in chunks:
-        features = {
-            "train": extract_features(model, tokenizer, [s.words for s in train], layers=chunk,
-                                      desc=f"{variant}: treebank train", **extract),
-            "val": extract_features(model, tokenizer, [s.words for s in val], layers=chunk,
-                                    desc=f"{variant}: treebank {config.val_split}", **extract)}
-        if pseudo is not None:
-            split = int(len(pseudo) * 0.9)  # 90/10 as the released code
-            for name, words in (("pseudo_train", pseudo[:split]), ("pseudo_val", pseudo[split:])):
-                features[name] = extract_features(model, tokenizer, words, layers=chunk, desc=f"{variant}: {name}",
-                                                  **extract)
+        features = {}
+        for name, words in corpora.items():
+            if padded:
+                pad_to, kept, dropped = plan[name]
+                features[name] = extract_padded_features(model, tokenizer, words, layers=chunk, pad_to=pad_to,
+                                                         batch_size=config.batch_size, dtype=dtype, device=device,
+                                                         kept=kept, dropped=dropped)
+            else:
+                features[name] = extract_features(model, tokenizer, words, layers=chunk,
+                                                  desc=f"{variant}: {descriptions.get(name, name)}", **extract)
         for layer in chunk:
             started = time.perf_counter()
             batches = {name: f.layer_batches(layer) for name, f in features.items()}
@@ -95,7 +125,7 @@ def probe_layers(run: Run, config: TopoprobeConfig, tokenizer, model, variant: s
             for kind in DEPTH_KINDS:
                 train_key, val_key = ("train", "val") if kind == "sp" or pseudo is None else \
                     ("pseudo_train", "pseudo_val")
-                result = train_depth_probe(kind, batches[train_key], batches[val_key], settings,
+                result = train_depth_probe(kind, batches[train_key], batches[val_key], settings_for[kind],
                                            gold_train=gold_train, gold_val=gold_val,
                                            val_sentences=val if kind == "sp" else None, layer=layer)
                 unit[kind] = result.summary()
@@ -126,13 +156,13 @@ def ssp_probe_weights(run: Run, variant: str, layer: int):
 
 
 # --- fine-tuning --------------------------------------------------------------------------------------------
-def cola_predictions(model, tokenizer, dev_rows, config: TopoprobeConfig, device) -> list[int]:
+def cola_predictions(model, tokenizer, dev_rows, config: TopoprobeConfig, device, pad_to=None) -> list[int]:
     """The fine-tuned classifier's labels of CoLA rows, in batches of config.batch_size."""
     predictions = []
     with torch.no_grad():
         for start in range(0, len(dev_rows), config.batch_size):
             rows = dev_rows[start:start + config.batch_size]
-            encoding, _ = _encode_cola(tokenizer, [r[0] for r in rows], config.max_length)
+            encoding, _ = _encode_cola(tokenizer, [r[0] for r in rows], config.max_length, pad_to)
             logits = model(**{k: v.to(device) for k, v in encoding.items()}).logits
             predictions += logits.argmax(-1).tolist()
     return predictions
@@ -141,24 +171,63 @@ def cola_predictions(model, tokenizer, dev_rows, config: TopoprobeConfig, device
 def finetune_run(source: str, tokenizer, train_rows, dev_rows, layer: Optional[int], seed: int, probe_init,
                  config: TopoprobeConfig, device) -> dict:
     """One fine-tuning run on CoLA (``layer`` None: plain fine-tuning) and its dev-set MCCs."""
-    model, training = finetune_model(source, tokenizer, train_rows, layer, seed, probe_init, config, device)
-    predictions = cola_predictions(model, tokenizer, dev_rows, config, device)
+    pad_to = cola_pad_length(tokenizer, config, list(train_rows) + list(dev_rows))
+    model, training = finetune_model(source, tokenizer, train_rows, layer, seed, probe_init, config, device, pad_to)
+    predictions = cola_predictions(model, tokenizer, dev_rows, config, device, pad_to)
     gold = [r[1] for r in dev_rows]
     return {"layer": layer, "seed": seed, "mcc": matthews_corrcoef(predictions, gold),
             "mcc_per_batch": per_batch_mcc(predictions, gold, config.batch_size),
             "accuracy": sum(int(p == g) for p, g in zip(predictions, gold)) / len(gold),
-            "predicted_acceptable": sum(predictions) / len(predictions), **training}
+            "predicted_acceptable": sum(predictions) / len(predictions), "pad_to": pad_to, **training}
 
 
-def summarise_finetuning(runs: list[dict]) -> list[dict]:
-    """Mean +- std (population over seeds) of both MCCs per layer ("baseline" = plain fine-tuning)."""
+def single_class(run: dict) -> bool:
+    """Whether a fine-tuning run predicted one class for the whole dev set (its MCC is 0 by definition)."""
+    return run["predicted_acceptable"] in (0.0, 1.0)
+
+
+def summarise_finetuning(runs: list[dict], confidence: float = 0.95) -> list[dict]:
+    """Per layer ("baseline" = plain fine-tuning): mean, sample std and Student-t interval over seeds of both MCCs,
+    the runs that predicted a single class, and for a probe layer the paired difference from the baseline on the
+    seeds both have (per seed: layer MCC - baseline MCC; the same seed gives both the same head initialisation and
+    data order, so the pairing removes that part of the seed-to-seed spread)."""
+    baseline = {r["seed"]: r for r in runs if r["layer"] is None}
     rows = []
     for layer in ["baseline"] + sorted({r["layer"] for r in runs if r["layer"] is not None}):
         chosen = [r for r in runs if (r["layer"] is None if layer == "baseline" else r["layer"] == layer)]
         if not chosen:
             continue
-        mcc, per_batch = np.array([r["mcc"] for r in chosen]), np.array([r["mcc_per_batch"] for r in chosen])
-        rows.append({"layer": layer, "runs": len(chosen), "mcc_mean": float(mcc.mean()), "mcc_std": float(mcc.std()),
-                     "mcc_per_batch_mean": float(per_batch.mean()), "mcc_per_batch_std": float(per_batch.std()),
-                     "predicted_acceptable": float(np.mean([r["predicted_acceptable"] for r in chosen]))})
+        row = {"layer": layer, "runs": len(chosen), "seeds": [r["seed"] for r in chosen],
+               "single_class_seeds": [r["seed"] for r in chosen if single_class(r)],
+               "predicted_acceptable": float(np.mean([r["predicted_acceptable"] for r in chosen]))}
+        for key in ("mcc", "mcc_per_batch"):
+            summary = mean_ci([r[key] for r in chosen], confidence)
+            row[key] = summary
+            row[f"{key}_mean"], row[f"{key}_std"] = summary["mean"], summary["std"]
+        if layer != "baseline":
+            pairs = [(r, baseline[r["seed"]]) for r in chosen if r["seed"] in baseline]
+            row["paired"] = {"seeds": [r["seed"] for r, _ in pairs],
+                             **{key: mean_ci([r[key] - b[key] for r, b in pairs], confidence) if pairs else None
+                                for key in ("mcc", "mcc_per_batch")}}
+        rows.append(row)
+    return rows
+
+
+def summarise_released_finetuning(runs: list[dict], layers, confidence: float = 0.95) -> list[dict]:
+    """The released bert-large CoLA runs (data.released_finetuning) as summarise_finetuning's rows, per-batch MCC
+    only (the released logs hold no corpus MCC): plain fine-tuning, then each of ``layers`` with its paired
+    difference from plain fine-tuning on the same seed."""
+    baseline = {r["seed"]: r for r in runs if r["layer"] is None}
+    rows = []
+    for layer in [None, *layers]:
+        chosen = [r for r in runs if r["layer"] == layer]
+        if not chosen:
+            continue
+        row = {"layer": "baseline" if layer is None else layer, "runs": len(chosen),
+               "mcc_per_batch": mean_ci([r["mcc_per_batch"] for r in chosen], confidence)}
+        if layer is not None:
+            diffs = [r["mcc_per_batch"] - baseline[r["seed"]]["mcc_per_batch"] for r in chosen
+                     if r["seed"] in baseline]
+            row["paired"] = {"mcc_per_batch": mean_ci(diffs, confidence) if diffs else None}
+        rows.append(row)
     return rows

@@ -11,6 +11,7 @@ import torch
 import fastmask as fm
 
 from ...probing import DepthProbe, probe_regulariser_loss
+from ...probing.features import FeatureBatch, LayerFeatures
 from ..pretrained import import_transformers, load_pretrained, load_tokenizer
 from ..runner import BatchStream, seed_everything
 from .config import TopoprobeConfig
@@ -35,12 +36,39 @@ def load_encoder(source: str, masks: Optional[str], device):
     return tokenizer, model.base_model.to(device).eval()
 
 
+@torch.no_grad()
+def extract_padded_features(model, tokenizer, sentences, *, layers, pad_to: int, batch_size: int,
+                            dtype: torch.dtype, device, kept: list[int], dropped: list[int]) -> LayerFeatures:
+    """The hidden states of ``layers`` as the released code computes them: every sentence of ``kept`` (corpus
+    order) padded to ``pad_to`` pieces, its corpus' maximum ([CLS] and [SEP] included), so that [CLS], [SEP] and
+    the padding positions of every sentence, not only the batch's longest, enter the "padding included" loss."""
+    was_training = model.training
+    model.eval()
+    batches = []
+    try:
+        for start in range(0, len(kept), batch_size):
+            index = kept[start:start + batch_size]
+            encoding = tokenizer([list(sentences[i]) for i in index], is_split_into_words=True, padding="max_length",
+                                 max_length=pad_to, truncation=False, return_tensors="pt")
+            word_ids = torch.tensor([[-1 if w is None else w for w in encoding.word_ids(i)] for i in range(len(index))],
+                                    dtype=torch.long)
+            hidden_states = model(**{k: v.to(device) for k, v in encoding.items()}, output_hidden_states=True) \
+                .hidden_states
+            hidden = torch.stack([hidden_states[layer] for layer in layers]).to("cpu", dtype)
+            batches.append(FeatureBatch(hidden, encoding["attention_mask"].cpu(), word_ids,
+                                        torch.tensor(index, dtype=torch.long)))
+    finally:
+        model.train(was_training)
+    return LayerFeatures(batches, list(layers), int(batches[0].hidden.shape[-1]), list(dropped))
+
+
 # --- fine-tuning --------------------------------------------------------------------------------------------
 def finetune_model(source: str, tokenizer, train_rows, layer: Optional[int], seed: int, probe_init,
-                   config: TopoprobeConfig, device):
+                   config: TopoprobeConfig, device, pad_to: Optional[int] = None):
     """The training half of one fine-tuning run on CoLA (``layer`` None: plain fine-tuning): cross-entropy, plus
     ``config.probe_weight`` x the pseudo-label loss of a depth probe at ``layer`` (started from ``probe_init`` when
-    given). Returns (the classifier in eval mode, its training record: final losses, trainable parameters)."""
+    given). ``pad_to``: pad every batch to that many pieces (the released protocol) instead of its longest.
+    Returns (the classifier in eval mode, its training record: final losses, trainable parameters)."""
     from transformers import get_linear_schedule_with_warmup  # lazy: transformers takes seconds to import
 
     seed_everything(seed)
@@ -66,7 +94,7 @@ def finetune_model(source: str, tokenizer, train_rows, layer: Optional[int], see
     model.train()
     for _ in range(config.steps):
         rows = [train_rows[i] for i in stream.next()]
-        encoding, word_ids = _encode_cola(tokenizer, [r[0] for r in rows], config.max_length)
+        encoding, word_ids = _encode_cola(tokenizer, [r[0] for r in rows], config.max_length, pad_to)
         labels = torch.tensor([r[1] for r in rows], device=device)
         out = model(**{k: v.to(device) for k, v in encoding.items()}, output_hidden_states=probe is not None)
         ce = torch.nn.functional.cross_entropy(out.logits.float(), labels, weight=class_weight)

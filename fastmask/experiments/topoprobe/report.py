@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from ..runner import Run, markdown_table, pyplot, save_figure
-from .config import PAPER_SP, TopoprobeConfig
+from ..stats import format_mean_ci
+from .config import PAPER_SP, RELEASED_PSEUDO_EPOCHS, RELEASED_SP_EPOCHS, TopoprobeConfig
 
 
 # --- plots and report ---------------------------------------------------------------------------------------
@@ -45,8 +46,9 @@ def _plots(run: Run, metrics: dict) -> None:
         base = next((row for row in summary if row["layer"] == "baseline"), None)
         rows = [row for row in summary if row["layer"] != "baseline"]
         for offset, (key, label) in enumerate((("mcc", "corpus MCC"), ("mcc_per_batch", "per-batch MCC (released)"))):
+            # error bars: the 95% t-interval over seeds (none with one seed)
             ax.errorbar([row["layer"] + 0.08 * offset for row in rows], [row[f"{key}_mean"] for row in rows],
-                        yerr=[row[f"{key}_std"] for row in rows], fmt="o", capsize=3, color=f"C{offset}",
+                        yerr=[_half_width(row, key) for row in rows], fmt="o", capsize=3, color=f"C{offset}",
                         label=f"{label}, probe-regularised")
             if base:
                 ax.axhline(base[f"{key}_mean"], color=f"C{offset}", ls="--", lw=1, label=f"{label}, plain fine-tuning")
@@ -57,9 +59,84 @@ def _plots(run: Run, metrics: dict) -> None:
         save_figure(fig, run.path("finetuning.png"))
 
 
+def _half_width(row: dict, key: str) -> float:
+    summary = row.get(key)  # units written before the intervals existed have only mean and std
+    return (summary.get("half_width") or 0.0) if isinstance(summary, dict) else 0.0
+
+
+def _ci(summary, digits: int = 3, signed: bool = False) -> str:
+    return "n/a" if summary is None else format_mean_ci(summary, digits, signed)
+
+
 def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else \
         f"{value:.{digits}f}"
+
+
+def _finetune_cells(row: dict) -> list:
+    paired = row.get("paired")
+    per_seed = "" if not paired or paired["mcc"] is None else " / ".join(
+        f"{v:+.3f}" for v in paired["mcc"]["values"])
+    cells = [row["layer"], row["runs"], _ci(row.get("mcc")), _ci(row.get("mcc_per_batch"))]
+    if paired:
+        cells += [_ci(paired["mcc"], signed=True), per_seed, _ci(paired["mcc_per_batch"], signed=True)]
+    else:
+        cells += ["", "", ""]
+    return cells + [f"{row['predicted_acceptable']:.0%}"]
+
+
+def _protocol_line(effective: TopoprobeConfig, metrics: dict) -> str:
+    if effective.protocol != "released":
+        return (f"- protocol: default (X_sp {effective.epochs('sp')} epochs, X_ssp / X_essp {effective.epochs('ssp')} "
+                f"epochs, Adam lr {effective.probe_lr}, seed {effective.seed})")
+    pool = metrics["data"].get("pseudo_pool_size")
+    reduced = [f"X_sp {effective.epochs('sp')} epochs instead of {RELEASED_SP_EPOCHS}"] \
+        if effective.epochs("sp") != RELEASED_SP_EPOCHS else []
+    if effective.epochs("ssp") != RELEASED_PSEUDO_EPOCHS:
+        reduced.append(f"X_ssp / X_essp {effective.epochs('ssp')} epochs instead of {RELEASED_PSEUDO_EPOCHS}")
+    if pool and metrics["data"]["pseudo_sentences"] < pool:
+        reduced.append(f"{metrics['data']['pseudo_sentences']} pool sentences (a random subset) instead of {pool}")
+    return ("- protocol: **released** (AdamW lr 2e-5 with linear decay, grad clip 1.0, seed 42; every sentence padded "
+            "to its corpus' maximum with [CLS], [SEP] and padding in the losses, target 2.0; X_sp on the released EWT "
+            "subset, train+dev for training and test for validation; X_ssp / X_essp on the released GLUE sentence "
+            "pool, 90/10)" + (f"; **reduced budget**: {'; '.join(reduced)}" if reduced else
+                              "; the released budget (X_sp 300 epochs, X_ssp / X_essp 10)"))
+
+
+def _comparison_lines(metrics: dict, effective: TopoprobeConfig) -> list[str]:
+    """This run's per-layer X_* beside the --compare-with run's and the released bert-large values."""
+    found = metrics.get("comparison")
+    if not found or not (found.get("other") or found.get("bert_large")):
+        return []
+    other, large = found.get("other"), found.get("bert_large")
+    kinds = ("sp", "ssp", "essp")
+    header = ["layer"] + [f"X_{k} (this run)" for k in kinds]
+    if other:
+        header += [f"X_{k} ({other['protocol']} protocol)" for k in kinds]
+    if large:
+        header += ["bert-large layer"] + [f"X_{k} (bert-large, released)" for k in kinds]
+    body = []
+    for row in metrics["probes"]["full"]:
+        layer = row["layer"]
+        cells = [layer] + [_fmt(row[k]["val_mse"]) for k in kinds]
+        if other:
+            theirs = other["rows"].get(layer) or other["rows"].get(str(layer))
+            cells += [_fmt(theirs[k]) if theirs else "" for k in kinds]
+        if large:
+            mapped = large["layer_map"].get(layer, large["layer_map"].get(str(layer)))
+            cells += [mapped] + [_fmt(large["probes"][k].get(mapped, large["probes"][k].get(str(mapped))))
+                                 for k in kinds]
+        body.append(cells)
+    lines = ["### Beside " + " and ".join(
+        (["the `--compare-with` run (" + f"`{other['folder']}`, {other['protocol']} protocol" +
+          (", padding included" if other.get("include_padding") else ", word pieces only") + ")"] if other else []) +
+        (["the released bert-large-uncased values"] if large else [])), "",
+        markdown_table(header, body), "",
+        "The bert-large columns are the last epoch's validation loss of the released logs (effective-metrics/"
+        "released-results/measuring), at the same relative depth (layer x 24 / layers). Values of different protocols "
+        "are not on one scale: with padding in the loss the mean also runs over [CLS], [SEP] and padding positions "
+        "(target 2.0), which lowers X_sp; the released logs are of a 24-layer, 1024-wide model.", ""]
+    return lines
 
 
 def report_markdown(config: TopoprobeConfig, effective: TopoprobeConfig, metrics: dict) -> str:
@@ -67,10 +144,13 @@ def report_markdown(config: TopoprobeConfig, effective: TopoprobeConfig, metrics
     lines = [f"# fastmask topoprobe: {metrics['model']}", "",
              f"- model `{metrics['model_source']}` ({metrics['model_type']}, {metrics['n_layers']} layers + embeddings,"
              f" hidden {metrics['hidden_size']}); probe rank {metrics['probe_rank']}",
-             f"- UD English-EWT: {data['treebank_train']} training sentences, {data['treebank_val']} validation "
+             f"- UD English-EWT{' (the released subset)' if data.get('treebank') == 'ewt-subset' else ''}: "
+             f"{data['treebank_train']} training sentences, {data['treebank_val']} validation "
              f"sentences ({data['val_split']} split); X_ssp / X_essp on {data['pseudo_sentences']} "
              f"{data['pseudo_corpus']} sentences",
-             f"- probes: {effective.probe_epochs} epochs, Adam lr {effective.probe_lr} (linear decay), "
+             _protocol_line(effective, metrics),
+             f"- probes: X_sp {effective.epochs('sp')} / X_ssp, X_essp {effective.epochs('ssp')} epochs, Adam lr "
+             f"{effective.probe_lr} (linear decay), "
              + ("padding and special tokens INCLUDED in the losses (the released code)" if effective.include_padding
                 else "word pieces only in the losses (padding and special tokens excluded)"),
              f"- hardware: {timing['cpu']} ({timing['cpu_count']} cores), device {timing['device']}, "
@@ -115,6 +195,7 @@ def report_markdown(config: TopoprobeConfig, effective: TopoprobeConfig, metrics
                           f"validation MSE is no better than predicting the mean depth for every token "
                           f"({_fmt(floors['sp_mean_depth'])}), so those layers' X_sp says nothing about how much "
                           f"syntax they hold; see `val_history` in metrics.json for how its training went.", ""]
+    lines += _comparison_lines(metrics, effective)
     curve, best = metrics["x_sp_curve"], metrics["x_sp_min_layer"]
     first, last = min(curve), max(curve)
     lines += [f"X_sp is lowest at layer {best} ({_fmt(curve[best])}), against {_fmt(curve[first])} at layer {first} "
@@ -132,22 +213,40 @@ def report_markdown(config: TopoprobeConfig, effective: TopoprobeConfig, metrics
         lines += ["## Probe-regularised fine-tuning on CoLA (in-domain dev, 527 sentences)", "",
                   f"{'Class-weighted CE' if effective.class_weighted else 'CE'} + {effective.probe_weight} x "
                   f"tree-topological probe loss at the layer (acceptable sentences only; probe initialised from that "
-                  f"layer's X_ssp probe), {effective.steps} AdamW steps of "
-                  f"{effective.batch_size} at lr {effective.finetune_lr} (word embeddings "
-                  f"{'frozen' if effective.freeze_word_embeddings else 'trained'}) on "
-                  f"{effective.finetune_train_sentences or 'all'} training sentences; seeds "
-                  f"{metrics['finetuning']['seeds']}. Mean +- std over seeds. 'per-batch' is the mean of the MCCs of "
-                  f"batches of {effective.batch_size} (what the released code reports); 'corpus' is the MCC of the "
-                  "whole dev set.", "", "![fine-tuning](finetuning.png)", "",
-                  markdown_table(["probe layer", "runs", "corpus MCC", "per-batch MCC", "predicted acceptable"],
-                                 [[row["layer"], row["runs"], f"{row['mcc_mean']:.3f} +- {row['mcc_std']:.3f}",
-                                   f"{row['mcc_per_batch_mean']:.3f} +- {row['mcc_per_batch_std']:.3f}",
-                                   f"{row['predicted_acceptable']:.0%}"] for row in summary]), ""]
-        if all(min(r["predicted_acceptable"], 1 - r["predicted_acceptable"]) < 0.05
-               for r in metrics["finetuning"]["runs"]):
-            lines += ["**Every run predicts (almost) a single class** (95% or more of the dev set; MCC about 0), so "
-                      "this sweep compares nothing: within this budget the model has learnt little more than a class "
-                      "prior. A few hundred `--steps` (with `--class-weighted`) or `--full`'s 3 epochs are needed.", ""]
+                  f"layer's X_ssp probe; loss over "
+                  f"{'every position, padding included, as released' if effective.include_padding else 'word pieces'}"
+                  f"), {effective.steps} AdamW steps of "
+                  f"{effective.batch_size} at lr {effective.finetune_lr} (10% warm-up, linear decay; word embeddings "
+                  f"{'frozen' if effective.freeze_word_embeddings else 'trained'}; at most {effective.max_length} "
+                  f"pieces a sentence) on {effective.finetune_train_sentences or 'all'} training sentences; seeds "
+                  f"{metrics['finetuning']['seeds']}. Mean +- the half-width of the 95% Student-t interval over "
+                  f"seeds. 'per-batch' is the mean of the MCCs of batches of {effective.batch_size} (what the released "
+                  "code reports); 'corpus' is the MCC of the whole dev set. The paired columns are the per-seed "
+                  "differences from plain fine-tuning with the same seed (same head initialisation and data order): "
+                  "their mean +- 95% interval, and each seed's difference; an interval that contains 0 shows no "
+                  "effect at this number of seeds.", "", "![fine-tuning](finetuning.png)", "",
+                  markdown_table(["probe layer", "runs", "corpus MCC", "per-batch MCC", "paired diff. corpus MCC",
+                                  "per seed", "paired diff. per-batch MCC", "predicted acceptable"],
+                                 [_finetune_cells(row) for row in summary]), ""]
+        large = (metrics.get("comparison") or {}).get("bert_large")
+        if large and large.get("finetuning"):
+            lines += ["The released bert-large-uncased CoLA runs (effective-metrics/released-results/fine-tuning, last "
+                      "of 3 epochs, lr 2e-5, probe loss over every position; per-batch MCC only), at the layers of "
+                      "the same relative depth:", "",
+                      markdown_table(["bert-large probe layer", "runs", "per-batch MCC", "paired diff. per-batch MCC"],
+                                     [[row["layer"], row["runs"], _ci(row["mcc_per_batch"]),
+                                       _ci(row["paired"]["mcc_per_batch"], signed=True) if "paired" in row else ""]
+                                      for row in large["finetuning"]]), ""]
+        single = [(row["layer"], seed) for row in summary for seed in row.get("single_class_seeds", [])]
+        if single:
+            every = len(single) == len(metrics["finetuning"]["runs"])
+            lines += [f"**{'Every run predicts' if every else f'{len(single)} of the runs predict'} a single class for "
+                      f"the whole dev set** (MCC 0 by definition): " + ", ".join(
+                          f"{'baseline' if layer == 'baseline' else f'layer {layer}'} seed {seed}"
+                          for layer, seed in single) +
+                      ". Such a run has learnt no more than a class prior, and a comparison that contains it "
+                      "compares little. Measured on MiniLM at 400 steps: with plain CE the probe-regularised runs "
+                      "stay at the prior, with `--class-weighted` (the default) they leave it; or train longer.", ""]
     speed = metrics["pseudo_label_speed"]
     lines += ["## Pseudo-label construction", "",
               f"Vectorised (one sort + one cumulative minimum, exact) vs the direct per-token transcription on a "
