@@ -20,9 +20,10 @@ language modelling (WikiText-2):
   only the last tail token; ``tail_tokens="all"`` (default) scores every token of the tail word, ``"last"`` only the
   last one.
 * Evaluation: perplexity of the tail tokens (TargetKG, held-out ControlKG) and of held-out WikiText-2 blocks under the
-  full model, the remaining model and the remaining model of a RANDOM subnetwork with the same number of weights per
-  layer, and the paraphrase test (the TargetKG triplets' other templates, never trained on); gold-token rank and
-  log-probability deltas; sparsity overall, per layer and attention vs MLP.
+  full model, the remaining model and the remaining model of RANDOM subnetworks with the same number of weights per
+  layer (``random_draws`` of them, default 5: their mean and range), and the paraphrase test (the TargetKG triplets'
+  other templates, never trained on); gold-token rank and log-probability deltas; sparsity overall, per layer and
+  attention vs MLP.
 
 Speed: the blocks below the masked ones are frozen and unmasked, so their output on the fixed data sets is computed
 once (and cached on disk, ``fastmask.experiments.blocks``); each step then runs only the top blocks (``TopBlocks``),
@@ -31,7 +32,8 @@ kernels of the active fastmask backend.
 
 Modules: ``config`` (KnowledgeConfig), ``data`` and ``wordnet`` (knowledge graphs, sentences, LM text, tokenised
 data), ``scoring`` (token ids, the template perplexities: prefix-shared packed forwards, cached by sentence),
-``model`` (loading, loss terms), ``evaluate``, ``train`` (run_experiment, the command line), ``report``.
+``model`` (loading, loss terms), ``evaluate``, ``train`` (run_experiment, the command line), ``report``, ``study``
+(``--targets`` x ``--seeds``: one whole run per cell, mean and 95% interval over them).
 """
 
 from .config import EXPERIMENT, KnowledgeConfig
