@@ -501,12 +501,15 @@ def test_a_study_over_targets_and_seeds_summarises_and_resumes_per_run(tmp_path,
     assert summary["n_runs"] == 4 and summary["targets"] == ["building.n.01", "change.n.01"]
     expected = mean_ci([m["summary"]["controlkg"]["ppl_ratio"] for m in runs])
     assert summary["all_runs"]["controlkg"]["ppl_ratio"] == expected
+    log_ratios = [math.log(m["summary"]["targetkg"]["ppl_ratio"]) for m in runs]
+    assert summary["all_runs"]["targetkg"]["log_ppl_ratio"] == mean_ci(log_ratios)
     per_target = mean_ci([m["summary"]["targetkg"]["delta_ppl"] for m in runs[2:]])
     assert summary["per_target"]["change.n.01"]["targetkg"]["delta_ppl"] == per_target
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["n_runs"] == 4 and (out / "study.png").is_file()
     report = (out / "report.md").read_text()
     assert "| TargetKG |" in report and "| change.n.01 | 2 |" in report and "2 random subnetworks" in report
+    assert "ratio remaining/full (geometric)" in report
 
     (out / "change.n.01" / "seed-1" / "metrics.json").unlink()
     messages.clear()

@@ -59,6 +59,9 @@ def _figures(runs: list) -> dict:
             values = [m["summary"][name].get(figure) for m in runs]
             if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
                 row[figure] = mean_ci(values)
+                if figure.startswith("ppl_ratio") and all(v > 0 for v in values):
+                    # ratios spread over orders of magnitude between targets: the interval of the log ratio
+                    row[f"log_{figure}"] = mean_ci([math.log(v) for v in values])
         out[name] = row
     out["sparsity"] = {"overall": mean_ci([m["sparsity"]["overall"] for m in runs])}
     return out
@@ -112,14 +115,25 @@ def _plot(out: Path, summary: dict) -> None:
     save_figure(fig, out / "study.png")
 
 
+def format_geometric(log_summary) -> str:
+    """"x10.8 [x2.1, x55]": the geometric mean of a ratio and its 95% interval (from the log ratios)."""
+    if log_summary is None:
+        return ""
+    text = f"x{math.exp(log_summary['mean']):.3g}"
+    if log_summary["low"] is not None:
+        text += f" [x{math.exp(log_summary['low']):.3g}, x{math.exp(log_summary['high']):.3g}]"
+    return text
+
+
 def report_markdown(config: KnowledgeConfig, summary: dict) -> str:
     rows = []
     for name in SETS:
         row = summary["all_runs"].get(name)
         if row:
-            rows.append((LABELS[name], *(format_mean_ci(row.get(f)) for f in FIGURES)))
-    table = markdown_table(["set", "ratio remaining/full", "ratio random/full", "dPPL remaining", "dPPL random"],
-                           rows)
+            rows.append((LABELS[name], *(format_geometric(row.get(f"log_{f}")) for f in FIGURES[:2]),
+                         *(format_mean_ci(row.get(f)) for f in FIGURES)))
+    table = markdown_table(["set", "ratio remaining/full (geometric)", "ratio random/full (geometric)",
+                            "ratio remaining/full", "ratio random/full", "dPPL remaining", "dPPL random"], rows)
     per_target = markdown_table(
         ["target", "runs", "TargetKG ratio", "random", "ControlKG ratio", "random", "WikiText-2 ratio", "sparsity"],
         [(t, sum(r["target"] == t for r in summary["per_run"]),
@@ -132,6 +146,7 @@ def report_markdown(config: KnowledgeConfig, summary: dict) -> str:
 `{summary['model']}`, targets {', '.join(summary['targets'])}; seeds {', '.join(map(str, summary['seeds']))};
 {summary['n_runs']} runs, each the whole experiment (`fastmask run knowledge --target T --seed S`, the other flags
 as in config.json) in `<target>/seed-<s>/`. Mean ± 95% t-interval half-width over the runs (one run: its value);
+the geometric columns: exp of the mean log ratio [and of its 95% interval's ends];
 the random baseline is the mean of {summary['random_draws']} random subnetworks of the learned one's per-layer size
 in each run. dPPL = PPL remaining - PPL full is the paper's metric.
 
