@@ -68,5 +68,12 @@ class OptimizerInBackward:
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held now (every tensor in every per-parameter state)."""
-        return sum(t.numel() * t.element_size() for opt in self.optimizers for s in opt.state.values()
-                   for t in s.values() if isinstance(t, torch.Tensor))
+        return sum(state_bytes(opt) for opt in self.optimizers)
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of the tensors an optimizer (a torch.optim.Optimizer or an OptimizerInBackward) holds as its state."""
+    if isinstance(optimizer, OptimizerInBackward):
+        return optimizer.state_bytes()
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor))

@@ -107,7 +107,6 @@ _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_ROUNDS = 10
 _MASK32 = 0xFFFFFFFF
-_MASK64 = 2**64 - 1
 _COUNTER_MASK = 2**62 - 1  # quad counters of 64-bit positions: p >> 2 < 2**62
 # Triton's uint_to_uniform_float scale: the largest float32 s with (2^31 - 1) * s < 1.
 _UINT_TO_FLOAT_SCALE = 4.6566127342e-10
@@ -161,7 +160,7 @@ def _stream_words(seed: int, offset: int, n: int, device, noise: str) -> torch.T
         # One Philox call per quad of positions, over the quads the positions touch.
         lead = offset & 3
         quads = (lead + n + 3) // 4
-        counters = ((offset & _MASK64) >> 2) + torch.arange(quads, dtype=torch.int64, device=device)
+        counters = (offset >> 2) + torch.arange(quads, dtype=torch.int64, device=device)
         words = torch.stack(philox_words(seed, counters & _COUNTER_MASK), dim=1).flatten()
         return words[lead:lead + n]
     if noise == NOISE_FIRST_WORD:
@@ -169,7 +168,8 @@ def _stream_words(seed: int, offset: int, n: int, device, noise: str) -> torch.T
     raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
 
 
-def uniform_ref(shape: Sequence[int], seed: int, offset: int = 0, device=None, *, noise: str = None) -> torch.Tensor:
+def uniform_ref(shape: Sequence[int], seed: int, offset: int = 0, device=None, *,
+                noise: Optional[str] = None) -> torch.Tensor:
     """Counter-based uniform noise in [0, 1), float32: element i is stream position ``offset + i`` (see ``NOISE``
     in the module docstring); ``noise`` picks a definition of ``NOISES`` (default: the current one)."""
     words = _stream_words(seed, offset, math.prod(shape), device, noise or NOISE)

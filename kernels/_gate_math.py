@@ -100,9 +100,8 @@ def _gate_slope(l, seed, position, beta, gamma, zg, tau,
                 ESTIMATOR: tl.constexpr, TRAINING: tl.constexpr, INVERSE: tl.constexpr):
     """(z, dz/dl) of logits ``l`` (compute dtype, any shape) after ``inverse``.
 
-    l: logits, already in the compute dtype; seed: Philox key; position: int64 stream positions offset + j, shaped
-    like l;
-    beta, gamma, zg = zeta - gamma, tau: scalars in the compute dtype.
+    l: logits, already in the compute dtype; seed: Philox key; position: int64 stream positions offset + j (shaped
+    like l); beta, gamma, zg = zeta - gamma, tau: scalars in the compute dtype.
     """
     if ESTIMATOR == 0:  # hard_concrete
         if TRAINING:

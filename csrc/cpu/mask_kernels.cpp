@@ -98,13 +98,7 @@ Isa current_isa() {
 
 constexpr uint32_t kPhiloxA = 0xD2511F53u, kPhiloxB = 0xCD9E8D57u;  // round multipliers
 constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;        // key increments
-constexpr float kUintToFloat = 4.6566127342e-10f;                   // Triton's uint -> [0, 1) scale
-
-FASTMASK_INLINE float word_to_uniform(uint32_t word) {
-  int32_t x = static_cast<int32_t>(word);
-  x ^= (x >> 31);  // ~x for negative x: Triton's fold
-  return static_cast<float>(x) * kUintToFloat;
-}
+constexpr float kUintToFloat = 4.6566127342e-10f;  // Triton's uint -> [0, 1) scale (philox.h uint32_to_uniform)
 
 // Portable loop over counters (c0 + q, c1) for q < quads, with c0 + quads <= 2^32 (no carry); writes 4 * quads.
 void philox_quads_scalar(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c1_const, int64_t quads,
@@ -123,10 +117,10 @@ void philox_quads_scalar(uint32_t k0, uint32_t k1, uint32_t c0_start, uint32_t c
       a0 += kKeyA;
       a1 += kKeyB;
     }
-    u[4 * q] = word_to_uniform(c0);
-    u[4 * q + 1] = word_to_uniform(c1);
-    u[4 * q + 2] = word_to_uniform(c2);
-    u[4 * q + 3] = word_to_uniform(c3);
+    u[4 * q] = uint32_to_uniform(c0);
+    u[4 * q + 1] = uint32_to_uniform(c1);
+    u[4 * q + 2] = uint32_to_uniform(c2);
+    u[4 * q + 3] = uint32_to_uniform(c3);
   }
 }
 
@@ -244,7 +238,7 @@ FASTMASK_INLINE void philox_fill(uint64_t seed, uint64_t pos, int64_t n, float* 
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   if (n > 0 && (pos & 3) != 0) {  // head: the positions of pos's quad from pos on
     const PhiloxWords words = philox_words(seed, pos >> 2);
-    for (uint64_t w = pos & 3; w < 4 && n > 0; ++w, ++pos, --n) *u++ = word_to_uniform(words.w[w]);
+    for (uint64_t w = pos & 3; w < 4 && n > 0; ++w, ++pos, --n) *u++ = uint32_to_uniform(words.w[w]);
   }
   uint64_t ctr = pos >> 2;
   int64_t quads = n / 4;
@@ -266,7 +260,7 @@ FASTMASK_INLINE void philox_fill(uint64_t seed, uint64_t pos, int64_t n, float* 
   }
   if (n > 0) {  // tail: the first n positions of the last quad
     const PhiloxWords words = philox_words(seed, ctr);
-    for (int64_t w = 0; w < n; ++w) u[w] = word_to_uniform(words.w[w]);
+    for (int64_t w = 0; w < n; ++w) u[w] = uint32_to_uniform(words.w[w]);
   }
 }
 

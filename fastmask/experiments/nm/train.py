@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 import fastmask as fm
-from fastmask.optim import OptimizerInBackward
+from fastmask.optim import OptimizerInBackward, state_bytes
 
 from ... import nm_priors
 from ...assets import atomic_write_text
@@ -105,10 +105,7 @@ def mask_state_bytes(model, optimizer) -> int:
     logits = fm.mask_parameters(model)
     held = sum(p.numel() * p.element_size() for p in logits)
     held += sum(p.grad.numel() * p.grad.element_size() for p in logits if p.grad is not None)
-    if isinstance(optimizer, OptimizerInBackward):
-        return held + optimizer.state_bytes()
-    return held + sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                      if isinstance(t, torch.Tensor))
+    return held + state_bytes(optimizer)
 
 
 def masked_weights(model, names) -> int:
